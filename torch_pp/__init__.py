@@ -1,0 +1,20 @@
+"""torch_pp: run one large language model across several machines, one pipeline stage each.
+
+Public surface::
+
+    import torch_pp
+    with torch_pp.start("path/to/hf-model") as pipe:   # under torchrun, on every rank
+        if pipe.is_driver:                             # rank 0
+            out = pipe.model.generate(input_ids, max_new_tokens=32)
+"""
+
+from .pipeline import Pipeline, start
+from .plan import PlanError, StagePlan, even_plan, parse_layers
+from .runtime import PipelineError, StartupError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pipeline", "PipelineError", "PlanError", "StagePlan", "StartupError",
+    "even_plan", "parse_layers", "start", "__version__",
+]

@@ -1,0 +1,67 @@
+"""What travels between stages: the hidden state and every remote layer's arguments.
+
+HF passes each decoder layer the same few tensors (mask, position ids, rotary
+cos/sin). They are sent once each and referenced by slot; per-layer argument
+dicts that are identical share one template. Pure functions, no communication.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool) -> tuple[dict, list[torch.Tensor]]:
+    """Turn a hidden state and per-layer kwargs into ``(meta, tensors)`` for a message.
+
+    Raises:
+        TypeError: for a layer argument that cannot travel (not a tensor, tuple of tensors or scalar).
+    """
+    tensors: list[torch.Tensor] = [hidden]
+    slot_of: dict[int, int] = {}
+
+    def slot(t: torch.Tensor) -> int:
+        key = id(t)
+        if key not in slot_of:
+            slot_of[key] = len(tensors)
+            tensors.append(t)
+        return slot_of[key]
+
+    def enc(name: str, value):
+        if isinstance(value, torch.Tensor):
+            return {"t": slot(value)}
+        if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            return {"tt": [slot(v) for v in value]}
+        if isinstance(value, _SCALARS):
+            return {"v": value}
+        raise TypeError(f"decoder layer argument {name!r} of type {type(value).__name__} cannot be sent between stages")
+
+    templates: list[str] = []
+    layer_template: dict[str, int] = {}
+    for idx, kwargs in layer_kwargs.items():
+        doc = json.dumps({k: enc(k, v) for k, v in sorted(kwargs.items())}, separators=(",", ":"))
+        if doc not in templates:
+            templates.append(doc)
+        layer_template[str(idx)] = templates.index(doc)
+    meta = {"past_len": past_len, "use_cache": use_cache, "templates": templates, "layers": layer_template}
+    return meta, tensors
+
+
+def decode(meta: dict, tensors: list[torch.Tensor], *, device: torch.device) -> tuple[torch.Tensor, dict[int, dict], int, bool]:
+    """Inverse of ``encode``: ``(hidden, layer_kwargs, past_len, use_cache)`` with tensors on ``device``."""
+    # Blocking copies: non_blocking host->MPS copies can corrupt data.
+    moved = [t.to(device) for t in tensors]
+
+    def dec(value: dict):
+        if "t" in value:
+            return moved[value["t"]]
+        if "tt" in value:
+            return tuple(moved[s] for s in value["tt"])
+        return value["v"]
+
+    built = [{k: dec(v) for k, v in json.loads(doc).items()} for doc in meta["templates"]]
+    layer_kwargs = {int(idx): built[ti] for idx, ti in meta["layers"].items()}
+    return moved[0], layer_kwargs, int(meta["past_len"]), bool(meta["use_cache"])

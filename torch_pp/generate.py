@@ -1,0 +1,98 @@
+"""Generation on rank 0: guarding HF ``generate()`` and measuring where the time goes.
+
+Rank 0's model is the checkpoint's own transformers ``*ForCausalLM`` class, so
+``generate()`` is transformers' own (logits processors, sampling, streamers,
+stopping criteria, generation_config). Only modes that reorder or crop the KV
+cache (beam search, assisted decoding, ...) are refused, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+try:  # the enum moved between transformers releases
+    from transformers.generation.configuration_utils import GenerationMode
+except ImportError:  # pragma: no cover
+    from transformers.generation import GenerationMode
+
+SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+
+
+class UnsupportedGenerationError(ValueError):
+    """A generation mode the pipeline cannot run."""
+
+
+def check_generation_mode(model, kwargs: dict) -> None:
+    """Raise UnsupportedGenerationError for modes other than greedy search and sampling."""
+    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    if mode not in SUPPORTED_MODES:
+        raise UnsupportedGenerationError(
+            f"torch_pp runs greedy search and sampling only; {mode.value.replace('_', ' ')} needs to reorder or crop "
+            "the KV cache that lives on the other stages. Use num_beams=1 and no assistant model"
+        )
+
+
+def guard_generate(model) -> None:
+    """Make ``model.generate`` refuse unsupported modes with a clear error."""
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        check_generation_mode(model, kwargs)
+        return original(*args, **kwargs)
+
+    model.generate = generate
+
+
+@dataclass
+class TokenTimer(BaseStreamer):
+    """A streamer that records when each new token arrives (for TTFT and decode speed).
+
+    transformers calls ``put`` once with the prompt, then once per generated step.
+    """
+
+    start: float = field(default_factory=time.perf_counter)
+    stamps: list[float] = field(default_factory=list)
+    _prompt_seen: bool = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.stamps[0] - self.start if self.stamps else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        if len(self.stamps) < 2:
+            return None
+        return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+
+
+class Streamers(BaseStreamer):
+    """Fan one generation's tokens out to several streamers."""
+
+    def __init__(self, *streamers: BaseStreamer | None) -> None:
+        self.streamers = [s for s in streamers if s is not None]
+
+    def put(self, value: torch.Tensor) -> None:
+        for s in self.streamers:
+            s.put(value)
+
+    def end(self) -> None:
+        for s in self.streamers:
+            s.end()

@@ -1,0 +1,234 @@
+"""Build one stage of a Hugging Face model and load only that stage's weights.
+
+The whole model is first built on the meta device (no memory), using the model's
+own transformers classes. Modules this rank does not own are then removed (set to
+None) or, on rank 0, replaced by weightless ``RemoteLayer`` placeholders. Only the
+owned parameters are read, tensor by tensor, from the safetensors files, keeping
+HF parameter names and global layer numbers. No rank materialises weights it does
+not own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from .plan import StagePlan
+from .stage import RemoteLayer, RemoteSpan, StageRunner
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v3")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Transformers fuses per-expert MoE weights at load time (its "qwen2_moe" conversion,
+# used by deepseek_v3): checkpoint `mlp.experts.{e}.gate_proj.weight` and `.up_proj.weight`
+# become `mlp.experts.gate_up_proj` [E, 2I, H]; `.down_proj.weight` becomes `mlp.experts.down_proj` [E, H, I].
+_FUSED_EXPERTS = {
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+class ModelFolderError(ValueError):
+    """The model folder is missing, incomplete or holds an unsupported model."""
+
+
+@dataclass
+class LoadedStage:
+    """This rank's part of the model.
+
+    Attributes:
+        model: The HF ``*ForCausalLM`` skeleton holding only this rank's weights.
+        span: On rank 0 with several stages, the placeholder span for the remote layers.
+        runner: On ranks > 0, the runner for this stage's layers.
+        weight_bytes: Bytes of parameters this rank holds.
+    """
+
+    model: PreTrainedModel
+    span: RemoteSpan | None
+    runner: StageRunner | None
+    weight_bytes: int
+
+
+def read_config(model_dir: str | os.PathLike):
+    """Read and check a model folder's config.
+
+    Raises:
+        ModelFolderError: for a missing folder, no config.json, or an unsupported model_type.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"{path} has no config.json; point --model at a Hugging Face model folder")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelFolderError(
+            f"model_type {model_type!r} in {path}/config.json is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return AutoConfig.from_pretrained(path)
+
+
+def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
+    """Map every tensor name in the checkpoint to the safetensors file that holds it.
+
+    Raises:
+        ModelFolderError: if the folder holds no safetensors weights.
+    """
+    path = Path(model_dir)
+    if (path / INDEX_FILE).is_file():
+        mapping = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        missing = sorted({f for f in mapping.values() if not (path / f).is_file()})
+        if missing:
+            raise ModelFolderError(f"{path}/{INDEX_FILE} names weight files that are missing: {', '.join(missing)}")
+        return mapping
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(path / SINGLE_FILE, framework="pt") as f:
+            return {key: SINGLE_FILE for key in f.keys()}
+    raise ModelFolderError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def build_skeleton(config) -> PreTrainedModel:
+    """The full model on the meta device: structure and names, no memory."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(model.model, attr):
+            raise ModelFolderError(f"{config.model_type} has no model.{attr}; only the Llama layout is supported")
+    return model.eval()
+
+
+def load_stage(
+    model_dir: str | os.PathLike,
+    *,
+    plan: StagePlan,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> LoadedStage:
+    """Build this rank's stage and read its weights onto ``device`` in ``dtype``.
+
+    Args:
+        model_dir: Hugging Face model folder (config.json plus safetensors).
+        plan: The stage plan; ``plan.layers_of(rank)`` are loaded.
+        rank: This rank.
+        device: Where the weights go.
+        dtype: Floating dtype of the weights (fp32-only parameters stay fp32).
+        progress: Show a progress bar.
+
+    Raises:
+        ModelFolderError: if the folder is unusable or lacks a weight this stage needs.
+    """
+    config = read_config(model_dir)
+    if plan.num_layers != config.num_hidden_layers:
+        raise ModelFolderError(f"the plan covers {plan.num_layers} layers but the model has {config.num_hidden_layers}")
+    weights = weight_map(model_dir)
+    model = build_skeleton(config)
+    span, runner = _trim(model, plan=plan, rank=rank), None
+    _materialise(model, Path(model_dir), weights, device=device, dtype=dtype, rank=rank, plan=plan, progress=progress)
+    if rank == 0:
+        # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
+        gen_file = Path(model_dir) / "generation_config.json"
+        if gen_file.is_file():
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    else:
+        layers = {i: model.model.layers[i] for i in plan.layers_of(rank)}
+        runner = StageRunner(layers, model.config)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise ModelFolderError(f"rank {rank}: no weights found for {', '.join(leftovers[:5])}{' …' if len(leftovers) > 5 else ''}")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return LoadedStage(model=model, span=span, runner=runner, weight_bytes=weight_bytes)
+
+
+def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int) -> RemoteSpan | None:
+    """Drop or replace every module this rank does not own; on rank 0 return the remote span."""
+    owned = plan.layers_of(rank)
+    layers = model.model.layers
+    if rank == 0:
+        if plan.num_stages == 1:
+            return None
+        span = RemoteSpan(range(owned.stop, plan.num_layers))
+        for i in span.layer_indices:
+            layers[i] = RemoteLayer(i, span, getattr(layers[i], "attention_type", None))
+        return span
+    for i in range(plan.num_layers):
+        if i not in owned:
+            layers[i] = nn.Module()  # an empty slot keeps global indices and names
+    model.model.embed_tokens = None
+    model.model.norm = None
+    model.model.rotary_emb = None
+    model.lm_head = None
+    return None
+
+
+def _keep_fp32(model: PreTrainedModel, name: str) -> bool:
+    patterns = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    )
+    return any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", name) for p in patterns)
+
+
+def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dtype, rank, plan, progress) -> None:
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers() if _is_persistent(model, n)]
+    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    start, end = plan.ranges[rank]
+    bar = tqdm(names, desc=f"rank {rank}: loading layers {start}:{end}", unit="tensor", disable=not progress, leave=False)
+    with ExitStack() as stack:
+        handles: dict[str, object] = {}
+
+        def read(key: str) -> torch.Tensor:
+            fname = weights[key]
+            if fname not in handles:
+                handles[fname] = stack.enter_context(safe_open(model_dir / fname, framework="pt"))
+            return handles[fname].get_tensor(key)
+
+        for name in bar:
+            target = torch.float32 if _keep_fp32(model, name) else dtype
+            if name in weights:
+                set_module_tensor_to_device(model, name, device, value=read(name), dtype=target)
+            elif name == "lm_head.weight" and tie:
+                continue  # tied below, once the embedding is loaded
+            elif _fused_expert_sources(name, weights):
+                set_module_tensor_to_device(model, name, device, value=_fuse_experts(name, weights, read), dtype=target)
+            else:
+                raise ModelFolderError(f"rank {rank}: the checkpoint in {model_dir} has no tensor {name!r}")
+    if rank == 0 and tie and "lm_head.weight" not in weights:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _is_persistent(model: nn.Module, name: str) -> bool:
+    module_name, _, buf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return buf not in module._non_persistent_buffers_set
+
+
+def _fused_expert_sources(name: str, weights: dict[str, str]) -> bool:
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith("mlp.experts") or leaf not in _FUSED_EXPERTS:
+        return False
+    return f"{prefix}.0.{_FUSED_EXPERTS[leaf][0]}.weight" in weights
+
+
+def _fuse_experts(name: str, weights: dict[str, str], read) -> torch.Tensor:
+    prefix, _, leaf = name.rpartition(".")
+    parts = _FUSED_EXPERTS[leaf]
+    count = 0
+    while f"{prefix}.{count}.{parts[0]}.weight" in weights:
+        count += 1
+    # [E, sum(out), in]: per expert, the parts are concatenated along the output dim.
+    return torch.stack([torch.cat([read(f"{prefix}.{e}.{p}.weight") for p in parts], dim=0) for e in range(count)])

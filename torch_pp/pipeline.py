@@ -1,0 +1,170 @@
+"""Start a pipeline: one call on every rank, the driver's model on rank 0.
+
+``start()`` runs the same steps on every rank, each ending in an agreement so
+that a problem anywhere stops every rank with one message: resolve the model
+folder and the plan, then load this rank's share of the weights. On rank 0 it
+returns a ``Pipeline`` whose ``model`` is an HF model with ``generate()``; on the
+other ranks it serves the stage and returns once rank 0 closes the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .default_model import ensure_default_model
+from .devices import dtype_name, peak_memory_bytes, pick_device, pick_dtype
+from .generate import guard_generate
+from .loading import LoadedStage, load_stage, read_config, weight_map
+from .plan import StagePlan, even_plan, parse_layers
+from .runtime import Driver, agree, serve
+from .transport import Transport
+
+
+@dataclass
+class Pipeline:
+    """A running pipeline, as seen from one rank.
+
+    Attributes:
+        model: On rank 0, the HF ``*ForCausalLM`` whose forward runs every stage; None elsewhere.
+        model_dir: The Hugging Face model folder.
+        plan: Layer ranges per rank.
+        transport: The ring's transport.
+        device: This rank's device.
+        dtype: This rank's compute dtype.
+        stage: This rank's loaded share.
+    """
+
+    model: torch.nn.Module | None
+    model_dir: Path
+    plan: StagePlan
+    transport: Transport
+    device: torch.device
+    dtype: torch.dtype
+    stage: LoadedStage
+    driver: Driver | None = None
+    _owns_transport: bool = False
+    _closed: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    @property
+    def is_driver(self) -> bool:
+        return self.transport.rank == 0
+
+    def describe(self) -> dict:
+        """This rank's figures: rank, host, layers, device, dtype, weight bytes, peak memory."""
+        start, end = self.plan.ranges[self.rank]
+        return {
+            "rank": self.rank,
+            "host": self.transport.host,
+            "layers": [start, end],
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "weight_bytes": self.stage.weight_bytes,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+
+    def stats(self) -> list[dict]:
+        """Every stage's figures, in rank order (rank 0 only)."""
+        if not self.is_driver:
+            raise RuntimeError("stats() is for rank 0")
+        remote = self.driver.collect_stats() if self.driver else []
+        return [self.describe(), *remote]
+
+    def tokenizer(self):
+        """The model folder's tokenizer."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir)
+
+    def close(self) -> None:
+        """End the session on every stage (rank 0), and leave the process group if ``start`` joined it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.driver is not None:
+            self.driver.shutdown()
+            self.stage.span.runner = None
+        if self._owns_transport:
+            self.transport.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start(
+    model: str | os.PathLike | None = None,
+    *,
+    layers: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+    transport: Transport | None = None,
+) -> Pipeline:
+    """Start the pipeline on this rank; call it on every rank with the same arguments.
+
+    Args:
+        model: Hugging Face model folder (config.json, safetensors, tokenizer). None: the
+            embedded SmolLM2-135M-Instruct.
+        layers: Manual plan such as ``"0:10,10:30"``; default: an even split.
+        device: ``mps``, ``cuda`` or ``cpu``; default: the best available.
+        dtype: ``float32``, ``float16`` or ``bfloat16``; default: per device.
+        progress: Show progress bars (on the first rank of each machine).
+        transport: An existing transport to reuse; default: join torchrun's group (or run alone).
+
+    Returns:
+        On rank 0, the running pipeline (use ``pipeline.model.generate``). On other ranks, the
+        closed pipeline, after rank 0 has closed it.
+
+    Raises:
+        StartupError: on every rank, if any rank could not resolve, plan or load its stage.
+    """
+    owns = transport is None
+    transport = transport or Transport.from_env()
+    show = progress and transport.local_rank == 0
+
+    def prepare():
+        model_dir = Path(model) if model is not None else ensure_default_model(progress=show)
+        config = read_config(model_dir)
+        weight_map(model_dir)  # fail early when weights are missing
+        n = config.num_hidden_layers
+        plan = parse_layers(layers, num_layers=n) if layers else even_plan(num_layers=n, num_stages=transport.world_size)
+        plan.check_world_size(transport.world_size)
+        dev = pick_device(device, local_rank=transport.local_rank)
+        return model_dir, plan, dev, pick_dtype(dtype, dev)
+
+    try:
+        model_dir, plan, dev, dt = agree(transport, prepare, what="start the pipeline")
+        stage = agree(
+            transport,
+            lambda: load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),
+            what="load the model",
+        )
+    except BaseException:
+        if owns:
+            transport.close()
+        raise
+    pipe = Pipeline(
+        model=stage.model if transport.rank == 0 else None,
+        model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, _owns_transport=owns,
+    )
+    if transport.rank == 0:
+        if stage.span is not None:
+            pipe.driver = Driver(transport, device=dev)
+            stage.span.runner = pipe.driver.run_remote
+        guard_generate(stage.model)
+        return pipe
+    try:
+        serve(transport, stage.runner, device=dev, describe=pipe.describe)
+    finally:
+        pipe.close()
+    return pipe

@@ -1,0 +1,149 @@
+"""Where the transport meets the stages: rank 0's remote calls and every other rank's serve loop.
+
+The ring is 0 -> 1 -> ... -> N-1 -> 0. Rank 0 sends FORWARD (activations plus the
+remote layers' arguments) to rank 1; each stage runs its layers and passes the
+message on; the last stage returns only the final hidden state to rank 0 as
+RESULT. A stage that fails sends ERROR on instead, which reaches rank 0 and is
+raised there, while every stage stays ready for the next request or SHUTDOWN.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from . import activations
+from .stage import StageRunner
+from .transport import Transport
+from .wire import Message, Op
+
+log = logging.getLogger("torch_pp")
+
+
+class PipelineError(RuntimeError):
+    """A stage failed while running a request; the message names the stage."""
+
+
+class StartupError(RuntimeError):
+    """One or more ranks could not start; the message lists each rank's problem."""
+
+
+def agree(transport: Transport, phase: Callable[[], object], *, what: str) -> object:
+    """Run ``phase`` on every rank, then fail every rank if any rank failed.
+
+    Every rank reaches the same collective whether its phase worked or not, so a
+    problem on one rank becomes one clear error on all of them instead of a hang.
+
+    Returns:
+        The phase's result on this rank.
+
+    Raises:
+        StartupError: naming each failed rank, its host and its message.
+    """
+    result, error = None, None
+    try:
+        result = phase()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        error = str(exc) or type(exc).__name__
+        log.debug("rank %d failed to %s:\n%s", transport.rank, what, traceback.format_exc())
+    rows = transport.all_gather_object({"rank": transport.rank, "host": transport.host, "error": error})
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        if transport.world_size == 1:
+            raise StartupError(failed[0]["error"])
+        lines = [f"rank {r['rank']} ({r['host']}): {r['error']}" for r in failed]
+        raise StartupError(f"could not {what}:\n  " + "\n  ".join(lines))
+    return result
+
+
+class Driver:
+    """Rank 0's side of the ring: runs the remote layers and controls the session."""
+
+    def __init__(self, transport: Transport, *, device: torch.device) -> None:
+        self.transport = transport
+        self.device = device
+        self.remote_s = 0.0  # wall time waiting for the other stages (their compute + the wire)
+        self.calls = 0
+
+    @property
+    def last_rank(self) -> int:
+        return self.transport.world_size - 1
+
+    def run_remote(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool) -> torch.Tensor:
+        """Send activations round the ring; return the final hidden state [B, S, H] on rank 0's device."""
+        start = time.perf_counter()
+        meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
+        self.transport.send(Message(Op.FORWARD, meta, tensors), dst=1)
+        reply = self.transport.recv(src=self.last_rank)
+        if reply.op == Op.ERROR:
+            raise PipelineError(reply.meta["error"])
+        if reply.op != Op.RESULT:
+            raise PipelineError(f"rank 0 expected RESULT from rank {self.last_rank}, got {reply.op.name}")
+        out = reply.tensors[0].to(self.device)
+        self.remote_s += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def collect_stats(self) -> list[dict]:
+        """Each remote stage's figures (see ``serve``), in rank order."""
+        self.transport.send(Message(Op.STATS, {"stages": []}), dst=1)
+        reply = self.transport.recv(src=self.last_rank)
+        if reply.op != Op.STATS:
+            raise PipelineError(f"expected STATS back, got {reply.op.name}")
+        return reply.meta["stages"]
+
+    def shutdown(self) -> None:
+        """End the session on every stage; returns once the message has gone round the ring."""
+        self.transport.send(Message(Op.SHUTDOWN), dst=1)
+        reply = self.transport.recv(src=self.last_rank)
+        if reply.op != Op.SHUTDOWN:
+            raise PipelineError(f"expected SHUTDOWN back, got {reply.op.name}")
+
+
+def serve(transport: Transport, runner: StageRunner, *, device: torch.device, describe: Callable[[], dict]) -> None:
+    """Serve this stage (ranks > 0) until rank 0 ends the session.
+
+    Args:
+        transport: The ring's transport.
+        runner: This stage's layers and cache.
+        device: Where this stage computes.
+        describe: Returns this stage's figures for STATS.
+    """
+    rank, nxt, prev = transport.rank, transport.next_rank, transport.prev_rank
+    is_last = nxt == 0
+    first, last = min(runner.layers), max(runner.layers) + 1
+    busy = {"compute_s": 0.0, "forwards": 0}
+    while True:
+        msg = transport.recv(src=prev)
+        if msg.op == Op.FORWARD:
+            start = time.perf_counter()
+            try:
+                hidden, layer_kwargs, past_len, use_cache = activations.decode(msg.meta, msg.tensors, device=device)
+                out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
+            except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
+                log.debug("rank %d failed:\n%s", rank, traceback.format_exc())
+                error = f"stage {rank} on {transport.host} (layers {first}:{last}) failed: {exc}"
+                transport.send(Message(Op.ERROR, {"error": error}), dst=nxt)
+                continue
+            busy["compute_s"] += time.perf_counter() - start
+            busy["forwards"] += 1
+            if is_last:
+                transport.send(Message(Op.RESULT, {}, [out]), dst=0)
+            else:
+                msg.tensors[0] = out
+                transport.send(msg, dst=nxt)
+        elif msg.op == Op.STATS:
+            msg.meta["stages"].append({**describe(), **busy})
+            transport.send(msg, dst=nxt)
+        elif msg.op == Op.ERROR:
+            transport.send(msg, dst=nxt)
+        elif msg.op == Op.SHUTDOWN:
+            runner.reset()
+            transport.send(msg, dst=nxt)
+            return
+        else:
+            raise PipelineError(f"rank {rank} got an unexpected {msg.op.name} from rank {prev}")

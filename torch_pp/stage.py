@@ -1,0 +1,137 @@
+"""A pipeline stage's math: running its own decoder layers, and standing in for the others.
+
+Rank 0 runs the model's own Hugging Face forward (embedding, masks, positions,
+rotary embeddings, final norm, LM head), so everything the installed transformers
+version computes before the layers is computed exactly once, there. The decoder
+layers that other ranks own are replaced on rank 0 by ``RemoteLayer`` placeholders:
+they record the arguments HF passes to each layer, and the last one hands the
+hidden state plus those arguments to a ``runner`` that the runtime plugs in.
+
+Other ranks run ``StageRunner``: their layers, with their own KV cache, on the
+arguments shipped from rank 0. Nothing here imports torch.distributed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+# runner(hidden, layer_kwargs, past_len=..., use_cache=...) -> final hidden state
+Runner = Callable[..., torch.Tensor]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run the request it was given."""
+
+
+def cache_keyword(layer: nn.Module) -> str:
+    """The keyword this transformers version's decoder layer takes its cache under.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.24); both are supported.
+    """
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class RemoteSpan:
+    """On rank 0: collects the arguments of the layers other ranks own, then runs them remotely.
+
+    Args:
+        layer_indices: The contiguous global layer indices owned by other ranks.
+    """
+
+    def __init__(self, layer_indices: range) -> None:
+        self.layer_indices = layer_indices
+        self.runner: Runner | None = None
+        self._pending: dict[int, dict] = {}
+        self._past_len = 0
+
+    def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        use_cache = bool(kwargs.get("use_cache")) and cache is not None
+        if layer_idx == self.layer_indices.start:
+            self._pending = {}
+            self._past_len = cache.get_seq_length(layer_idx) if use_cache else 0
+        if use_cache:
+            if not isinstance(cache, DynamicCache):
+                raise StageError(
+                    f"torch_pp supports only a dynamic KV cache, got {type(cache).__name__}; "
+                    "leave cache_implementation unset"
+                )
+            # The real keys and values live on the owning stage. Rank 0 keeps a one-wide
+            # stand-in per layer (zero-wide would count as empty) so that HF's sequence
+            # lengths and mask sizes, which read these layers, stay right.
+            batch, q_len = hidden.shape[0], hidden.shape[1]
+            stand_in = hidden.new_zeros(batch, 1, q_len, 1)
+            cache.update(stand_in, stand_in, layer_idx)
+        self._pending[layer_idx] = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+        if layer_idx != self.layer_indices.stop - 1:
+            return hidden
+        if self.runner is None:
+            raise StageError("the pipeline is closed: start it again before running the model")
+        pending, self._pending = self._pending, {}
+        return self.runner(hidden, pending, past_len=self._past_len, use_cache=use_cache)
+
+
+class RemoteLayer(nn.Module):
+    """Placeholder, on rank 0, for decoder layer ``layer_idx`` owned by another rank. Holds no weights."""
+
+    def __init__(self, layer_idx: int, span: RemoteSpan, attention_type: str | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.span = span
+        if attention_type is not None:
+            self.attention_type = attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise StageError("decoder layers must be called with keyword arguments after the hidden state")
+        return self.span.visit(self.layer_idx, hidden_states, kwargs)
+
+
+class StageRunner:
+    """On ranks > 0: runs this stage's decoder layers with this stage's KV cache.
+
+    Args:
+        layers: Global layer index -> the HF decoder layer module, for the layers this stage owns.
+        config: The model config (sizes the KV cache, including sliding-window layers).
+    """
+
+    def __init__(self, layers: dict[int, nn.Module], config) -> None:
+        self.layers = layers
+        self.config = config
+        self.cache_kw = cache_keyword(next(iter(layers.values())))
+        self.cache: DynamicCache | None = None
+        self.seen = 0  # tokens in self.cache
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool) -> torch.Tensor:
+        """Run every owned layer on ``hidden`` [B, S, H]; returns the new hidden state [B, S, H]."""
+        if use_cache:
+            if past_len == 0:
+                self.cache, self.seen = DynamicCache(config=self.config), 0
+            elif self.cache is None or self.seen != past_len:
+                raise StageError(
+                    f"KV cache out of step: this stage holds {self.seen} tokens, rank 0 expects {past_len}. "
+                    "Beam search, assisted decoding and cache cropping are not supported"
+                )
+        cache = self.cache if use_cache else None
+        for idx, layer in self.layers.items():
+            kwargs = dict(layer_kwargs[idx])
+            kwargs[self.cache_kw] = cache
+            hidden = layer(hidden, **kwargs)
+            if isinstance(hidden, tuple):  # older layer classes return (hidden, ...)
+                hidden = hidden[0]
+        if use_cache:
+            self.seen = past_len + hidden.shape[1]
+        return hidden
+
+    def reset(self) -> None:
+        """Drop the KV cache (a new sequence or a closed session)."""
+        self.cache, self.seen = None, 0

@@ -1,0 +1,120 @@
+"""Framing of pipeline messages: a fixed header, then exactly the payload it announces.
+
+A message is an operation code, a small JSON-able ``meta`` dict and a list of
+tensors. On the wire it is two buffers:
+
+* a header of ``HEADER_WORDS`` int64 words: magic, protocol version, op, meta byte
+  count, payload byte count, sequence number, sender rank;
+* one contiguous uint8 payload: the JSON meta (which also describes each tensor's
+  dtype, shape and offset), then every tensor's bytes at 16-byte aligned offsets.
+
+The receiver therefore never guesses a size, and one payload send carries any
+number of tensors. This module is pure: no torch.distributed, no sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+MAGIC = 0x74707070  # "tppp"
+PROTOCOL = 1
+HEADER_WORDS = 8
+_ALIGN = 16
+
+_DTYPES = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float64,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    )
+}
+
+
+class Op(enum.IntEnum):
+    """What a message asks of its receiver."""
+
+    FORWARD = 1   # run your layers on these activations, pass the result on
+    RESULT = 2    # final hidden state, last stage -> rank 0
+    SHUTDOWN = 3  # end the pipeline session; forwarded round the ring
+    ERROR = 4     # a stage failed; meta["error"] says how; forwarded to rank 0
+    STATS = 5     # each stage appends its figures to meta["stages"]
+    HELLO = 6     # start-up agreement: each stage appends its fingerprint
+
+
+class WireError(RuntimeError):
+    """A message that does not follow the protocol (wrong peer, version or size)."""
+
+
+@dataclass
+class Message:
+    """One framed message.
+
+    Attributes:
+        op: The operation.
+        meta: JSON-serialisable metadata.
+        tensors: Tensors carried in the payload; any device, any of the supported dtypes.
+    """
+
+    op: Op
+    meta: dict = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def pack(message: Message, *, seq: int = 0, sender: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Serialise a message into ``(header, payload)`` contiguous CPU tensors."""
+    specs, offset = [], 0
+    for t in message.tensors:
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise WireError(f"cannot send a tensor of dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        specs.append([name, list(t.shape), offset, nbytes])
+        offset = _aligned(offset + nbytes)
+    meta_bytes = json.dumps({"m": message.meta, "t": specs}, separators=(",", ":")).encode()
+    data_start = _aligned(len(meta_bytes))
+    payload = torch.empty(data_start + offset, dtype=torch.uint8)
+    payload[: len(meta_bytes)] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
+    for t, (_, _, off, nbytes) in zip(message.tensors, specs):
+        if nbytes:
+            # Blocking copy: non_blocking device->CPU copies (MPS above all) can land late or corrupt.
+            src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            payload[data_start + off : data_start + off + nbytes] = src
+    header = torch.tensor(
+        [MAGIC, PROTOCOL, int(message.op), len(meta_bytes), payload.numel(), seq, sender, 0], dtype=torch.int64
+    )
+    return header, payload
+
+
+def payload_size(header: torch.Tensor, *, expected_sender: int) -> int:
+    """Check a received header and return the payload byte count it announces."""
+    magic, proto, _op, _meta_len, total, _seq, sender, _ = header.tolist()
+    if magic != MAGIC:
+        raise WireError(f"garbled message from rank {expected_sender}: bad magic {magic:#x}")
+    if proto != PROTOCOL:
+        raise WireError(
+            f"rank {expected_sender} speaks torch_pp wire protocol {proto}, this rank {PROTOCOL}: install the same torch_pp everywhere"
+        )
+    if sender != expected_sender:
+        raise WireError(f"expected a message from rank {expected_sender}, got one from rank {sender}")
+    return int(total)
+
+
+def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
+    """Rebuild a message from a header and its payload; tensors are views into ``payload``."""
+    _magic, _proto, op, meta_len, _total, _seq, _sender, _ = header.tolist()
+    doc = json.loads(bytes(payload[:meta_len].numpy()).decode())
+    data_start = _aligned(meta_len)
+    tensors = []
+    for name, shape, off, nbytes in doc["t"]:
+        dtype = _DTYPES[name]
+        raw = payload[data_start + off : data_start + off + nbytes]
+        tensors.append(raw.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype))
+    return Message(op=Op(op), meta=doc["m"], tensors=tensors)
