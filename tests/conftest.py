@@ -1,0 +1,76 @@
+"""Shared test fixtures: tiny models written by the tests, free ports, real torchrun launches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import ARCHS, write_tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).parent / "workers"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def torchrun(nproc: int, args: list[str], *, timeout: float = 300, env: dict | None = None, module: bool = False) -> Run:
+    """Launch ``torchrun`` on 127.0.0.1 with a free port; kill the whole process group on timeout."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+    ]
+    cmd += (["-m"] if module else []) + args
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun {' '.join(args)} did not finish within {timeout}s\nstderr:\n{err[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # no orphan workers, whatever happened
+        except ProcessLookupError:
+            pass
+    return Run(proc.returncode, out, err, time.monotonic() - start)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Every test architecture as a single-file and a sharded checkpoint: name -> folder."""
+    root = tmp_path_factory.mktemp("tiny")
+    models = {}
+    for arch in ARCHS:
+        models[arch] = write_tiny_model(arch, root / arch)
+        models[f"{arch}-sharded"] = write_tiny_model(arch, root / f"{arch}-sharded", sharded=True)
+    return models
+
+
+@pytest.fixture(scope="session")
+def torch_pp_cache(tmp_path_factory) -> Path:
+    """Where the embedded model is converted: TORCH_PP_CACHE if set (CI reuses it), else a fresh folder."""
+    return Path(os.environ.get("TORCH_PP_TEST_CACHE") or tmp_path_factory.mktemp("cache"))

@@ -1,0 +1,122 @@
+"""Run under torchrun by test_split_equals_whole: every model, one pipeline each, compared with HF.
+
+Rank 0 writes a JSON report to ``$OUT/report.json``; every rank writes ``$OUT/rank{r}.json``
+with the parameter names it holds for each model.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList, set_seed
+from transformers.generation.streamers import BaseStreamer
+
+import torch_pp
+from torch_pp.generate import UnsupportedGenerationError
+from torch_pp.transport import Transport
+
+OUT = os.environ["OUT"]
+models = sys.argv[1:]
+transport = Transport.from_env()
+rank = transport.rank
+report, params = {}, {}
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.chunks.append("end")
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, n, prompt_len):
+        self.n, self.prompt_len = n, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.prompt_len + self.n, dtype=torch.bool)
+
+
+def check(name, path, pipe):
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = pipe.model
+    r = {}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 250, (1, 12), generator=g)
+    with torch.no_grad():
+        a, b = ref(ids).logits[:, -1], model(ids).logits[:, -1]
+    r["logits_max_diff"] = (a - b).abs().max().item()
+    r["logits_equal"] = torch.equal(a, b)
+
+    want = ref.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    got = model.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    r["greedy_equal"] = torch.equal(want, got)
+    r["greedy_new_tokens"] = got.shape[1] - ids.shape[1]
+
+    lens = [5, 9, 3]
+    batch = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate(lens):  # left padding, pad id 0
+        batch[i, 9 - n:] = torch.randint(3, 250, (n,), generator=g)
+        mask[i, 9 - n:] = 1
+    kw = dict(attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    want, got = ref.generate(batch, **kw), model.generate(batch, **kw)
+    r["batch_equal"] = torch.equal(want, got)
+    with torch.no_grad():
+        la = ref(batch, attention_mask=mask).logits[:, -1]
+        lb = model(batch, attention_mask=mask).logits[:, -1]
+    r["batch_logits_max_diff"] = (la - lb).abs().max().item()
+
+    samp = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, max_new_tokens=24, min_new_tokens=24)
+    set_seed(7)
+    want = ref.generate(ids, **samp)
+    set_seed(7)
+    got = model.generate(ids, **samp)
+    r["sample_equal"] = torch.equal(want, got)
+    set_seed(8)
+    other = model.generate(ids, **samp)
+    r["sample_seed_matters"] = not torch.equal(got, other)
+
+    streamer = Collect()
+    got = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)
+    streamed = [t for c in streamer.chunks[1:-1] for t in c]
+    r["stream_in_order"] = streamed == got[0, ids.shape[1]:].tolist() and streamer.chunks[-1] == "end"
+
+    stopped = model.generate(ids, max_new_tokens=30, do_sample=False, stopping_criteria=StoppingCriteriaList([StopAfter(5, ids.shape[1])]))
+    r["stopped_new_tokens"] = stopped.shape[1] - ids.shape[1]
+    again = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    r["after_stop_ok"] = torch.equal(again, ref.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False))
+
+    try:
+        model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False)
+        r["beam_error"] = None
+    except UnsupportedGenerationError as exc:
+        r["beam_error"] = str(exc)
+    r["after_beam_ok"] = torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), ref.generate(ids, max_new_tokens=4, do_sample=False))
+    r["stats"] = pipe.stats()
+    return r
+
+
+for path in models:
+    name = os.path.basename(path)
+    pipe = torch_pp.start(path, transport=transport, progress=False)
+    params[name] = {
+        "layers": list(pipe.plan.ranges[rank]),
+        "params": sorted(n for n, _ in pipe.stage.model.named_parameters()),
+        "weight_bytes": pipe.stage.weight_bytes,
+    }
+    if pipe.is_driver:
+        report[name] = check(name, path, pipe)
+        pipe.close()
+
+with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
+    json.dump(params, f)
+if rank == 0:
+    with open(os.path.join(OUT, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+transport.close()

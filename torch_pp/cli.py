@@ -1,0 +1,136 @@
+"""Command line: ``python -m torch_pp <command>``, under torchrun for several stages.
+
+Only rank 0 writes to stdout. Errors end every rank with a non-zero exit and one
+message from rank 0 (other ranks add a line only for what rank 0 cannot know).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from .devices import DTYPES
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torch_pp", description="Pipeline-parallel LLM inference over Gloo.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a prompt (run under torchrun for several stages)")
+    gen.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=list(DTYPES))
+    gen.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
+    gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
+    gen.add_argument("--output", choices=["text", "json"], default="text")
+    gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _quiet_worker(rank: int) -> None:
+    """Ranks other than 0 keep stdout clean and log only what matters, with their rank."""
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(message)s", stream=sys.stderr)
+    if rank != 0:
+        hf_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")
+    if os.environ.get("TORCH_PP_DEBUG"):
+        logging.getLogger("torch_pp").setLevel(logging.DEBUG)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer, set_seed
+
+    from . import start
+    from .generate import Streamers, TokenTimer
+
+    pipe = start(args.model, layers=args.layers, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    if not pipe.is_driver:
+        return 0
+    with pipe:
+        tokenizer = pipe.tokenizer()
+        if args.chat:
+            inputs = tokenizer.apply_chat_template(
+                [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        else:
+            inputs = tokenizer(args.prompt, return_tensors="pt")
+        inputs = {k: v.to(pipe.device) for k, v in inputs.items()}
+        sampling = {
+            k: v for k, v in {
+                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "repetition_penalty": args.repetition_penalty,
+            }.items() if v is not None
+        }
+        set_seed(args.seed)
+        timer = TokenTimer()
+        text_out = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.output == "text" else None
+        with torch.inference_mode():
+            out = pipe.model.generate(
+                **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                streamer=Streamers(timer, text_out), **sampling,
+            )
+        prompt_len = inputs["input_ids"].shape[1]
+        new_ids = out[0, prompt_len:].tolist()
+        stages = pipe.stats()
+        result = {
+            "text": tokenizer.decode(new_ids, skip_special_tokens=True),
+            "token_ids": new_ids,
+            "prompt_tokens": prompt_len,
+            "ttft_s": timer.ttft_s,
+            "decode_tokens_per_s": timer.decode_tokens_per_s,
+            "stages": [
+                {k: s[k] for k in ("rank", "host", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes")}
+                for s in stages
+            ],
+        }
+    if args.output == "json":
+        print(json.dumps(result), flush=True)
+    else:
+        tps = result["decode_tokens_per_s"]
+        print(
+            f"[{len(new_ids)} tokens; time to first token {result['ttft_s'] or 0:.3f} s; "
+            f"decode {tps or 0:.1f} tokens/s; {len(stages)} stage(s)]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m torch_pp``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    _quiet_worker(rank)
+    from .devices import DeviceError
+    from .generate import UnsupportedGenerationError
+    from .runtime import PipelineError, StartupError
+    from .transport import TransportError
+
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except StartupError as exc:
+        if rank == 0:  # every rank got the same error; rank 0 says it once
+            print(f"torch_pp: error: {exc}", file=sys.stderr)
+        return 1
+    except (PipelineError, TransportError, DeviceError, UnsupportedGenerationError, ValueError) as exc:
+        prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
+        print(f"{prefix}{exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
