@@ -3,7 +3,10 @@
 The GGUF file is found through package metadata (the package is never imported),
 converted once into a Hugging Face safetensors folder in a cache directory, and
 reused afterwards. A file lock makes concurrent ranks wait for one conversion;
-the folder appears atomically (renamed into place when complete).
+the folder appears atomically (renamed into place when complete). The conversion
+runs in a child process: transformers' ``save_pretrained`` writes nothing on a
+rank other than 0 of an initialised process group, and the conversion's peak
+memory should not count against a stage.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import fcntl
 import importlib.metadata
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -70,25 +75,39 @@ def ensure_default_model(*, progress: bool = True) -> Path:
 
 
 def _convert(gguf: Path, target: Path, *, progress: bool) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch_pp.default_model", str(gguf), str(tmp)] + ([] if progress else ["--quiet"])
+    try:
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True)
+        if done.returncode != 0 or not (tmp / "config.json").is_file() or not (tmp / "model.safetensors").is_file():
+            detail = (done.stderr or "").strip().splitlines()[-1:] if done.stderr else []
+            raise DefaultModelError(f"converting {gguf} failed{': ' + detail[0] if detail else ''}")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_here(gguf: Path, out: Path, *, progress: bool) -> None:
+    """The conversion itself (run in the child process)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    steps = tqdm(total=3, desc=f"converting {gguf.name} to safetensors (once)", disable=not progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
     if not progress:
         hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        steps.update()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        if getattr(model, "hf_quantizer", None) is not None:
-            # save_pretrained refuses GGUF-quantised models; the tensors are already dequantised.
-            model.hf_quantizer.remove_quantization_config(model)
-        steps.update()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-        steps.update()
-    finally:
-        steps.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    steps = tqdm(total=3, desc=f"converting {gguf.name} to safetensors (once)", disable=not progress)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    steps.update()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    if getattr(model, "hf_quantizer", None) is not None:
+        # save_pretrained refuses GGUF-quantised models; the tensors are already dequantised.
+        model.hf_quantizer.remove_quantization_config(model)
+    steps.update()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    steps.update()
+    steps.close()
+
+
+if __name__ == "__main__":
+    _convert_here(Path(sys.argv[1]), Path(sys.argv[2]), progress="--quiet" not in sys.argv)

@@ -52,12 +52,20 @@ def agree(transport: Transport, phase: Callable[[], object], *, what: str) -> ob
         log.debug("rank %d failed to %s:\n%s", transport.rank, what, traceback.format_exc())
     rows = transport.all_gather_object({"rank": transport.rank, "host": transport.host, "error": error})
     failed = [r for r in rows if r["error"]]
-    if failed:
-        if transport.world_size == 1:
-            raise StartupError(failed[0]["error"])
-        lines = [f"rank {r['rank']} ({r['host']}): {r['error']}" for r in failed]
-        raise StartupError(f"could not {what}:\n  " + "\n  ".join(lines))
-    return result
+    if not failed:
+        return result
+    if transport.world_size == 1:
+        raise StartupError(failed[0]["error"])
+    # Group identical messages so that N ranks with the same problem read as one line.
+    groups: dict[str, list[dict]] = {}
+    for r in failed:
+        groups.setdefault(r["error"], []).append(r)
+    lines = []
+    for error, who in groups.items():
+        ranks = ", ".join(str(r["rank"]) for r in who)
+        hosts = ", ".join(sorted({r["host"] for r in who}))
+        lines.append(f"{'rank' if len(who) == 1 else 'ranks'} {ranks} ({hosts}): {error}")
+    raise StartupError(f"could not {what}:\n  " + "\n  ".join(lines))
 
 
 class Driver:

