@@ -39,13 +39,16 @@ def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int
             return {"v": value}
         raise TypeError(f"decoder layer argument {name!r} of type {type(value).__name__} cannot be sent between stages")
 
+    # Layers usually get the very same objects: group them by identity, encode each group once.
     templates: list[str] = []
+    key_to_template: dict[tuple, int] = {}
     layer_template: dict[str, int] = {}
     for idx, kwargs in layer_kwargs.items():
-        doc = json.dumps({k: enc(k, v) for k, v in sorted(kwargs.items())}, separators=(",", ":"))
-        if doc not in templates:
-            templates.append(doc)
-        layer_template[str(idx)] = templates.index(doc)
+        key = tuple(sorted((k, id(v) if not isinstance(v, tuple) else tuple(map(id, v)), repr(v) if isinstance(v, _SCALARS) else None) for k, v in kwargs.items()))
+        if key not in key_to_template:
+            key_to_template[key] = len(templates)
+            templates.append(json.dumps({k: enc(k, v) for k, v in sorted(kwargs.items())}, separators=(",", ":")))
+        layer_template[str(idx)] = key_to_template[key]
     meta = {"past_len": past_len, "use_cache": use_cache, "templates": templates, "layers": layer_template}
     return meta, tensors
 

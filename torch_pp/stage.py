@@ -51,6 +51,7 @@ class RemoteSpan:
         self.runner: Runner | None = None
         self._pending: dict[int, dict] = {}
         self._past_len = 0
+        self._sentinels: set[int] = set()
 
     def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
@@ -58,18 +59,20 @@ class RemoteSpan:
         if layer_idx == self.layer_indices.start:
             self._pending = {}
             self._past_len = cache.get_seq_length(layer_idx) if use_cache else 0
+            self._sentinels = _sentinel_layers(cache, self.layer_indices) if use_cache else set()
         if use_cache:
             if not isinstance(cache, DynamicCache):
                 raise StageError(
                     f"torch_pp supports only a dynamic KV cache, got {type(cache).__name__}; "
                     "leave cache_implementation unset"
                 )
-            # The real keys and values live on the owning stage. Rank 0 keeps a one-wide
-            # stand-in per layer (zero-wide would count as empty) so that HF's sequence
-            # lengths and mask sizes, which read these layers, stay right.
-            batch, q_len = hidden.shape[0], hidden.shape[1]
-            stand_in = hidden.new_zeros(batch, 1, q_len, 1)
-            cache.update(stand_in, stand_in, layer_idx)
+            if layer_idx in self._sentinels:
+                # The real keys and values live on the owning stage. Rank 0 keeps a one-wide
+                # stand-in (zero-wide would count as empty) in the layers whose lengths HF
+                # reads to size masks, so those stay right.
+                batch, q_len = hidden.shape[0], hidden.shape[1]
+                stand_in = hidden.new_zeros(batch, 1, q_len, 1)
+                cache.update(stand_in, stand_in, layer_idx)
         self._pending[layer_idx] = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         if layer_idx != self.layer_indices.stop - 1:
             return hidden
@@ -77,6 +80,17 @@ class RemoteSpan:
             raise StageError("the pipeline is closed: start it again before running the model")
         pending, self._pending = self._pending, {}
         return self.runner(hidden, pending, past_len=self._past_len, use_cache=use_cache)
+
+
+def _sentinel_layers(cache: DynamicCache, remote: range) -> set[int]:
+    """Remote layers whose cache lengths HF reads: the span's first layer (our own
+    bookkeeping) and the first full-attention and first sliding-window layer (mask sizing)."""
+    found = {remote.start}
+    is_sliding = list(getattr(cache, "is_sliding", []))
+    for kind in (False, True):
+        if kind in is_sliding and is_sliding.index(kind) in remote:
+            found.add(is_sliding.index(kind))
+    return found
 
 
 class RemoteLayer(nn.Module):

@@ -19,6 +19,7 @@ from . import wire
 from .wire import Message
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("TORCH_PP_TIMEOUT", "3600"))
+FRAME_BYTES = int(os.environ.get("TORCH_PP_FRAME_BYTES", wire.DEFAULT_FRAME_BYTES))
 
 
 class TransportError(RuntimeError):
@@ -76,26 +77,30 @@ class Transport:
 
     def send(self, message: Message, dst: int) -> None:
         """Send one framed message to ``dst`` (blocks until Gloo has taken it)."""
-        header, payload = wire.pack(message, seq=self._seq, sender=self.rank)
+        frame, rest = wire.pack(message, seq=self._seq, sender=self.rank, frame_bytes=FRAME_BYTES)
         self._seq += 1
         try:
-            dist.send(header, dst)
-            dist.send(payload, dst)
+            dist.send(frame, dst)
+            if rest is not None:
+                dist.send(rest, dst)
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"rank {self.rank} could not send {message.op.name} to rank {dst}: {exc}") from exc
 
     def recv(self, src: int) -> Message:
         """Receive the next framed message from ``src``."""
-        header = torch.empty(wire.HEADER_WORDS, dtype=torch.int64)
+        frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+        rest = None
         try:
-            dist.recv(header, src)
-            payload = torch.empty(wire.payload_size(header, expected_sender=src), dtype=torch.uint8)
-            dist.recv(payload, src)
+            dist.recv(frame, src)
+            total, inline = wire.read_header(frame, expected_sender=src)
+            if not inline:
+                rest = torch.empty(total, dtype=torch.uint8)
+                dist.recv(rest, src)
         except wire.WireError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"rank {self.rank} lost the connection to rank {src}: {exc}") from exc
-        return wire.unpack(header, payload)
+        return wire.unpack(frame, rest)
 
     def all_gather_object(self, obj: object) -> list:
         """Every rank's ``obj``, in rank order (start-up agreement only)."""

@@ -1,15 +1,18 @@
-"""Framing of pipeline messages: a fixed header, then exactly the payload it announces.
+"""Framing of pipeline messages: a fixed-size frame, then exactly the payload it announces.
 
 A message is an operation code, a small JSON-able ``meta`` dict and a list of
-tensors. On the wire it is two buffers:
+tensors. Its payload is the JSON meta (which also describes each tensor's dtype,
+shape and offset), then every tensor's bytes at 16-byte aligned offsets.
 
-* a header of ``HEADER_WORDS`` int64 words: magic, protocol version, op, meta byte
-  count, payload byte count, sequence number, sender rank;
-* one contiguous uint8 payload: the JSON meta (which also describes each tensor's
-  dtype, shape and offset), then every tensor's bytes at 16-byte aligned offsets.
+On the wire every message starts with one frame of ``frame_bytes`` bytes (the
+same on every rank): a header of ``HEADER_WORDS`` int64 words (magic, protocol
+version, op, meta byte count, payload byte count, sequence number, sender rank,
+inline flag), then, when it fits, the payload itself. A decode step's message
+fits, so it costs one Gloo send; a larger payload (a long prompt's prefill)
+follows as a second send of exactly the announced size. One send matters: on
+loopback, two back-to-back small sends take about three times as long as one.
 
-The receiver therefore never guesses a size, and one payload send carries any
-number of tensors. This module is pure: no torch.distributed, no sockets.
+The receiver never guesses a size. This module is pure: no torch.distributed.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 MAGIC = 0x74707070  # "tppp"
-PROTOCOL = 1
+PROTOCOL = 2
 HEADER_WORDS = 8
+HEADER_BYTES = HEADER_WORDS * 8
+DEFAULT_FRAME_BYTES = 32 * 1024
 _ALIGN = 16
 
 _DTYPES = {
@@ -68,8 +73,11 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def pack(message: Message, *, seq: int = 0, sender: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Serialise a message into ``(header, payload)`` contiguous CPU tensors."""
+def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Serialise a message into ``(frame, rest)``: contiguous CPU uint8 tensors.
+
+    ``frame`` always has ``frame_bytes`` bytes; ``rest`` is None when the payload fits in the frame.
+    """
     specs, offset = [], 0
     for t in message.tensors:
         name = str(t.dtype).removeprefix("torch.")
@@ -80,36 +88,39 @@ def pack(message: Message, *, seq: int = 0, sender: int = 0) -> tuple[torch.Tens
         offset = _aligned(offset + nbytes)
     meta_bytes = json.dumps({"m": message.meta, "t": specs}, separators=(",", ":")).encode()
     data_start = _aligned(len(meta_bytes))
-    payload = torch.empty(data_start + offset, dtype=torch.uint8)
+    total = data_start + offset
+    inline = total <= frame_bytes - HEADER_BYTES
+    frame = torch.zeros(frame_bytes, dtype=torch.uint8)
+    payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else torch.empty(total, dtype=torch.uint8)
     payload[: len(meta_bytes)] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
     for t, (_, _, off, nbytes) in zip(message.tensors, specs):
         if nbytes:
             # Blocking copy: non_blocking device->CPU copies (MPS above all) can land late or corrupt.
             src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             payload[data_start + off : data_start + off + nbytes] = src
-    header = torch.tensor(
-        [MAGIC, PROTOCOL, int(message.op), len(meta_bytes), payload.numel(), seq, sender, 0], dtype=torch.int64
-    )
-    return header, payload
+    header = [MAGIC, PROTOCOL, int(message.op), len(meta_bytes), total, seq, sender, int(inline)]
+    frame[:HEADER_BYTES].view(torch.int64)[:] = torch.tensor(header, dtype=torch.int64)
+    return frame, (None if inline else payload)
 
 
-def payload_size(header: torch.Tensor, *, expected_sender: int) -> int:
-    """Check a received header and return the payload byte count it announces."""
-    magic, proto, _op, _meta_len, total, _seq, sender, _ = header.tolist()
+def read_header(frame: torch.Tensor, *, expected_sender: int) -> tuple[int, bool]:
+    """Check a received frame's header; return ``(payload bytes, whether the payload is inline)``."""
+    magic, proto, _op, _meta_len, total, _seq, sender, inline = frame[:HEADER_BYTES].view(torch.int64).tolist()
     if magic != MAGIC:
-        raise WireError(f"garbled message from rank {expected_sender}: bad magic {magic:#x}")
+        raise WireError(f"garbled message from rank {expected_sender}: bad magic {magic:#x} (different frame sizes on the two ranks?)")
     if proto != PROTOCOL:
         raise WireError(
             f"rank {expected_sender} speaks torch_pp wire protocol {proto}, this rank {PROTOCOL}: install the same torch_pp everywhere"
         )
     if sender != expected_sender:
         raise WireError(f"expected a message from rank {expected_sender}, got one from rank {sender}")
-    return int(total)
+    return int(total), bool(inline)
 
 
-def unpack(header: torch.Tensor, payload: torch.Tensor) -> Message:
-    """Rebuild a message from a header and its payload; tensors are views into ``payload``."""
-    _magic, _proto, op, meta_len, _total, _seq, _sender, _ = header.tolist()
+def unpack(frame: torch.Tensor, rest: torch.Tensor | None = None) -> Message:
+    """Rebuild a message from its frame (and the separate payload, if any); tensors are views into them."""
+    _magic, _proto, op, meta_len, total, _seq, _sender, inline = frame[:HEADER_BYTES].view(torch.int64).tolist()
+    payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else rest
     doc = json.loads(bytes(payload[:meta_len].numpy()).decode())
     data_start = _aligned(meta_len)
     tensors = []

@@ -1,0 +1,83 @@
+"""Decode benchmark: a 2-stage pipeline vs single-process transformers generate(), same run.
+
+Embedded SmolLM2-135M-Instruct, CPU, fp32, one thread per process, greedy, a fixed number
+of new tokens. Reports the write-up's four figures for each side: decode tokens/s, time to
+first token, peak memory per node (stage), and the share of time spent communicating
+(pipeline only: rank 0's wait for the other stages minus their compute).
+
+    python bench/bench_decode.py [--new-tokens 128] [--reps 3] [--stages 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import dump, print_table  # noqa: E402
+
+PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--json", help="also write the JSON result here")
+    args = ap.parse_args()
+
+    from torch_pp.default_model import ensure_default_model
+
+    model_dir = args.model or str(ensure_default_model())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_out, pp_out = os.path.join(tmp, "hf.json"), os.path.join(tmp, "pp.json")
+        common = [model_dir, PROMPT, str(args.new_tokens), str(args.reps)]
+        subprocess.run([sys.executable, str(HERE / "_hf_worker.py"), *common, hf_out], env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.stages),
+             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"), *common, pp_out],
+            env=env, check=True,
+        )
+        hf, pp = json.loads(Path(hf_out).read_text()), json.loads(Path(pp_out).read_text())
+
+    result = {
+        "model": model_dir, "new_tokens": args.new_tokens, "stages": args.stages, "threads_per_process": 1,
+        "baseline_hf": {k: hf[k] for k in ("decode_tokens_per_s", "ttft_s", "peak_memory_bytes")},
+        "pipeline": {
+            "decode_tokens_per_s": pp["decode_tokens_per_s"], "ttft_s": pp["ttft_s"],
+            "communication_share": pp["communication_share"], "per_boundary_ms": pp["per_boundary_ms"],
+            "stages": [{k: s[k] for k in ("rank", "layers", "weight_bytes", "peak_memory_bytes")} for s in pp["stages"]],
+        },
+        "decode_ratio_pipeline_over_hf": pp["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+        "same_tokens": pp["tokens"] == hf["tokens"],
+    }
+    dump(result, args.json)
+    print()
+    rows = [
+        ["HF single process", f"{hf['decode_tokens_per_s']:.2f}", f"{hf['ttft_s'] * 1000:.1f}", f"{hf['peak_memory_bytes'] / 2**20:.0f}", "-"],
+        [f"torch_pp {args.stages} stages", f"{pp['decode_tokens_per_s']:.2f}", f"{pp['ttft_s'] * 1000:.1f}",
+         " / ".join(f"{s['peak_memory_bytes'] / 2**20:.0f}" for s in pp["stages"]), f"{100 * pp['communication_share']:.1f}%"],
+    ]
+    print_table(rows, ["run", "decode tok/s", "TTFT ms", "peak MiB per stage", "comm share"])
+    print(f"\ndecode ratio pipeline/HF: {result['decode_ratio_pipeline_over_hf']:.3f} (goal >= 0.97); "
+          f"same tokens: {result['same_tokens']}; per stage boundary: {pp['per_boundary_ms']:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
