@@ -8,11 +8,11 @@ Public surface::
             out = pipe.model.generate(input_ids, max_new_tokens=32)
 """
 
-from .pipeline import Pipeline, start
-from .plan import PlanError, StagePlan, even_plan, parse_layers
-from .runtime import PipelineError, StartupError
-
 __version__ = "0.1.0"
+
+from .pipeline import Pipeline, start  # noqa: E402
+from .plan import PlanError, StagePlan, even_plan, parse_layers  # noqa: E402
+from .runtime import PipelineError, StartupError  # noqa: E402
 
 __all__ = [
     "Pipeline", "PipelineError", "PlanError", "StagePlan", "StartupError",

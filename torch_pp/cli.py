@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--min-new-tokens", type=int, default=0, help="do not stop at end-of-sequence before this many")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
@@ -51,14 +52,15 @@ def _quiet_worker(rank: int) -> None:
         logging.getLogger("torch_pp").setLevel(logging.DEBUG)
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run_generate(args: argparse.Namespace, transport) -> int:
     import torch
     from transformers import TextStreamer, set_seed
 
     from . import start
     from .generate import Streamers, TokenTimer
 
-    pipe = start(args.model, layers=args.layers, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    pipe = start(args.model, layers=args.layers, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+                 transport=transport)
     if not pipe.is_driver:
         return 0
     with pipe:
@@ -81,7 +83,7 @@ def run_generate(args: argparse.Namespace) -> int:
         text_out = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.output == "text" else None
         with torch.inference_mode():
             out = pipe.model.generate(
-                **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                **inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
                 streamer=Streamers(timer, text_out), **sampling,
             )
         prompt_len = inputs["input_ids"].shape[1]
@@ -118,19 +120,29 @@ def main(argv: list[str] | None = None) -> int:
     from .devices import DeviceError
     from .generate import UnsupportedGenerationError
     from .runtime import PipelineError, StartupError
-    from .transport import TransportError
+    from .transport import Transport, TransportError
 
+    transport = None
     try:
+        transport = Transport.from_env(handle_signals=True)
         if args.command == "generate":
-            return run_generate(args)
+            return run_generate(args, transport)
     except StartupError as exc:
         if rank == 0:  # every rank got the same error; rank 0 says it once
             print(f"torch_pp: error: {exc}", file=sys.stderr)
         return 1
-    except (PipelineError, TransportError, DeviceError, UnsupportedGenerationError, ValueError) as exc:
+    except (PipelineError, TransportError) as exc:
+        if transport is not None and transport.monitor is not None:
+            # A peer probably died: let the liveness monitor name the lost stage (it ends the process).
+            transport.monitor.await_verdict()
         prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
         print(f"{prefix}{exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except (DeviceError, UnsupportedGenerationError, ValueError) as exc:
+        prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
+        print(f"{prefix}{exc}", file=sys.stderr)
+        return 1
+    finally:
+        if transport is not None:
+            transport.close()
     return 2

@@ -10,6 +10,7 @@ not own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -97,6 +98,24 @@ def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
         with safe_open(path / SINGLE_FILE, framework="pt") as f:
             return {key: SINGLE_FILE for key in f.keys()}
     raise ModelFolderError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def model_fingerprint(model_dir: str | os.PathLike, *, samples: int = 16, chunk: int = 64 * 1024) -> str:
+    """A short digest of the model folder: config.json, and each weight file's size and sampled bytes.
+
+    Reads about ``samples * chunk`` bytes per weight file, so machines can cheaply check that
+    they hold the same model (same architecture but different weights included).
+    """
+    path = Path(model_dir)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for fname in sorted(set(weight_map(path).values())):
+        size = (path / fname).stat().st_size
+        digest.update(f"{fname}:{size}".encode())
+        with open(path / fname, "rb") as f:
+            for i in range(samples):
+                f.seek(max(0, (size - chunk) * i // max(1, samples - 1)))
+                digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]
 
 
 def build_skeleton(config) -> PreTrainedModel:

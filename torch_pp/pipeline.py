@@ -18,10 +18,11 @@ import torch
 from .default_model import ensure_default_model
 from .devices import dtype_name, peak_memory_bytes, pick_device, pick_dtype
 from .generate import guard_generate
-from .loading import LoadedStage, load_stage, read_config, weight_map
+from . import __version__
+from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
 from .plan import StagePlan, even_plan, parse_layers
-from .runtime import Driver, agree, serve
-from .transport import Transport
+from .runtime import Driver, agree, agree_on, serve
+from .transport import FRAME_BYTES, Transport
 
 
 @dataclass
@@ -140,10 +141,15 @@ def start(
         plan = parse_layers(layers, num_layers=n) if layers else even_plan(num_layers=n, num_stages=transport.world_size)
         plan.check_world_size(transport.world_size)
         dev = pick_device(device, local_rank=transport.local_rank)
-        return model_dir, plan, dev, pick_dtype(dtype, dev)
+        return model_dir, plan, dev, pick_dtype(dtype, dev), model_fingerprint(model_dir)
 
     try:
-        model_dir, plan, dev, dt = agree(transport, prepare, what="start the pipeline")
+        model_dir, plan, dev, dt, fingerprint = agree(transport, prepare, what="start the pipeline")
+        agree_on(transport, {
+            "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
+            "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": FRAME_BYTES,
+        })
+        transport.describe(layers=plan.ranges[transport.rank])
         stage = agree(
             transport,
             lambda: load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),

@@ -68,6 +68,24 @@ def agree(transport: Transport, phase: Callable[[], object], *, what: str) -> ob
     raise StartupError(f"could not {what}:\n  " + "\n  ".join(lines))
 
 
+def agree_on(transport: Transport, facts: dict[str, object]) -> None:
+    """Fail every rank, naming ranks and values, unless all ranks hold the same ``facts``.
+
+    Raises:
+        StartupError: listing each fact that differs and what each rank has.
+    """
+    rows = transport.all_gather_object({"host": transport.host, **facts})
+    problems = []
+    for key in facts:
+        values = [row[key] for row in rows]
+        if len(set(map(str, values))) > 1:
+            detail = "; ".join(f"rank {r} ({row['host']}): {row[key]}" for r, row in enumerate(rows))
+            problems.append(f"ranks disagree on {key.replace('_', ' ')}: {detail}")
+    if problems:
+        raise StartupError("the ranks are not set up alike:\n  " + "\n  ".join(problems) +
+                           "\n  Use the same model folder, torch_pp version and options on every machine")
+
+
 class Driver:
     """Rank 0's side of the ring: runs the remote layers and controls the session."""
 

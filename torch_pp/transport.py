@@ -1,29 +1,147 @@
 """The only module that talks to torch.distributed.
 
-It starts a Gloo process group from torchrun's environment (or none at all for a
+It joins a Gloo process group from torchrun's environment (or none at all for a
 single process), moves framed messages (see ``wire``) between ranks through CPU
-buffers, and offers the one collective the start-up needs. Nothing here knows
-about models.
+buffers, offers the collective the start-up agreement needs, and owns the
+rendezvous-store connections used by the liveness monitor.
+
+Before joining Gloo, every rank posts a "hello" (host, OS, versions, the address
+Gloo will advertise) in torchrun's store, so that set-ups Gloo cannot join —
+Linux with macOS, or a loopback address across machines — fail with a message
+instead of a hang.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import platform
 import socket
+import sys
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from . import wire
+from .liveness import Monitor
 from .wire import Message
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("TORCH_PP_TIMEOUT", "3600"))
 FRAME_BYTES = int(os.environ.get("TORCH_PP_FRAME_BYTES", wire.DEFAULT_FRAME_BYTES))
+# Idle pipelines must not be torn down by Gloo: liveness is the monitor's job.
+IDLE_TIMEOUT = timedelta(days=365)
+HELLO_TIMEOUT_S = float(os.environ.get("TORCH_PP_JOIN_TIMEOUT", "300"))
+LOOPBACK_IFACES = ("lo", "lo0")
 
 
 class TransportError(RuntimeError):
     """Communication with another rank failed; the message names the peer."""
+
+
+@dataclass(frozen=True)
+class SimulatedLink:
+    """An opt-in simulated network link, a benchmarking aid (this kernel has no netem).
+
+    Each send first waits ``latency_s`` plus the payload's time at ``gbit_per_s``.
+    Never on by default: set ``TORCH_PP_SIM_LINK`` to a preset (10gbe, tb4, 1gbe,
+    wifi) or to ``latency_ms=0.1,gbit=10``.
+    """
+
+    name: str
+    latency_s: float
+    gbit_per_s: float
+
+    PRESETS = {  # one-way latency (ms), usable bandwidth (Gbit/s)
+        "10gbe": (0.05, 9.4),
+        "tb4": (0.04, 20.0),  # Thunderbolt 4 bridge (IP over Thunderbolt)
+        "1gbe": (0.1, 0.94),
+        "wifi": (2.0, 0.4),
+    }
+
+    @classmethod
+    def from_spec(cls, spec: str | None) -> "SimulatedLink | None":
+        if not spec:
+            return None
+        if spec.lower() in cls.PRESETS:
+            ms, gbit = cls.PRESETS[spec.lower()]
+            return cls(spec.lower(), ms / 1000, gbit)
+        try:
+            fields = dict(part.split("=") for part in spec.split(","))
+            return cls(spec, float(fields.get("latency_ms", 0)) / 1000, float(fields.get("gbit", 1e9)))
+        except ValueError:
+            raise TransportError(
+                f"bad TORCH_PP_SIM_LINK {spec!r}: use one of {', '.join(cls.PRESETS)} or latency_ms=X,gbit=Y"
+            ) from None
+
+    def delay(self, nbytes: int) -> None:
+        """Wait as long as the link would take to deliver ``nbytes``."""
+        until = time.perf_counter() + self.latency_s + nbytes * 8 / (self.gbit_per_s * 1e9)
+        while (left := until - time.perf_counter()) > 0:
+            # Sleep for the bulk, spin for the last stretch: sleep overshoots by ~0.1 ms.
+            time.sleep(left - 0.0002) if left > 0.0005 else None
+
+
+def local_info() -> dict:
+    """This process's facts for the start-up hello and ``doctor``."""
+    import transformers
+
+    from . import __version__
+
+    iface = os.environ.get("GLOO_SOCKET_IFNAME")
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "os": platform.system(),
+        "os_release": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_pp": __version__,
+        "iface": iface,
+        "address": advertised_address(iface),
+    }
+
+
+def advertised_address(iface: str | None) -> str | None:
+    """The IPv4 address Gloo will advertise: the interface's, else the hostname's."""
+    if iface:
+        import psutil
+
+        for addr in psutil.net_if_addrs().get(iface, []):
+            if addr.family == socket.AF_INET:
+                return addr.address
+        return None
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+
+
+def check_hellos(hellos: dict[int, dict]) -> None:
+    """Refuse set-ups that Gloo cannot join, with a message instead of a hang.
+
+    Raises:
+        TransportError: for a Linux/macOS mixture, a missing interface, or a loopback address across machines.
+    """
+    systems: dict[str, list[int]] = {}
+    for r, h in hellos.items():
+        systems.setdefault(h["os"], []).append(r)
+    if len(systems) > 1:
+        listing = "; ".join(f"{name}: ranks {', '.join(map(str, rs))}" for name, rs in systems.items())
+        raise TransportError(f"Gloo cannot join ranks on different operating systems ({listing}); run every stage on the same OS")
+    for r, h in hellos.items():
+        if h["iface"] and h["address"] is None:
+            raise TransportError(f"rank {r} on {h['host']}: GLOO_SOCKET_IFNAME={h['iface']} has no IPv4 address; check the interface name")
+    if len({h["host"] for h in hellos.values()}) > 1:
+        for r, h in hellos.items():
+            if h["address"] is None or ipaddress.ip_address(h["address"]).is_loopback:
+                raise TransportError(
+                    f"rank {r} on {h['host']} would advertise {h['address']} (loopback) to the other machines; "
+                    "set GLOO_SOCKET_IFNAME to the interface that reaches them (launch/node.sh --iface)"
+                )
 
 
 class Transport:
@@ -34,38 +152,73 @@ class Transport:
         world_size: Number of ranks (pipeline stages).
         local_rank: Rank on this machine.
         host: This machine's hostname.
+        hellos: rank -> facts each rank posted at start-up (see ``local_info``).
+        monitor: The liveness monitor (None for a single process).
     """
 
-    def __init__(self, *, rank: int, world_size: int, local_rank: int, owns_group: bool) -> None:
+    def __init__(self, *, rank: int, world_size: int, local_rank: int, hellos: dict[int, dict], owns_group: bool) -> None:
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
-        self.host = socket.gethostname()
+        self.hellos = hellos
+        self.host = hellos[rank]["host"]
+        self.monitor: Monitor | None = None
+        self.link = SimulatedLink.from_spec(os.environ.get("TORCH_PP_SIM_LINK"))
         self._owns_group = owns_group
         self._seq = 0
 
     @classmethod
-    def from_env(cls, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> "Transport":
-        """Join the Gloo group described by torchrun's variables, or run alone without them.
+    def from_env(cls, *, handle_signals: bool = False) -> "Transport":
+        """Join the group described by torchrun's variables, or run alone without them.
+
+        Args:
+            handle_signals: Let the liveness monitor act on SIGINT/SIGTERM (main thread only;
+                the CLI does this so Ctrl-C on rank 0 stops every stage).
 
         Raises:
-            TransportError: if the group cannot be formed.
+            TransportError: if the group cannot be formed, with the reason.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if world_size == 1:
-            return cls(rank=0, world_size=1, local_rank=0, owns_group=False)
-        if dist.is_initialized():
-            return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, owns_group=False)
+            return cls(rank=0, world_size=1, local_rank=0, hellos={0: local_info()}, owns_group=False)
+        addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+        def connect(is_master: bool = False):
+            return dist.TCPStore(addr, port, world_size if is_master else None, is_master=is_master,
+                                 timeout=timedelta(seconds=HELLO_TIMEOUT_S), wait_for_workers=False)
+
         try:
-            dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        except Exception as exc:  # noqa: BLE001 - re-raised with context for people
+            # Outside torchrun, rank 0 hosts the store itself.
+            base = connect(is_master=rank == 0 and not agent_store)
+            store = dist.PrefixStore("torch_pp/", base)
+            store.set(f"hello/{rank}", json.dumps(local_info()))
+            keys = [f"hello/{r}" for r in range(world_size)]
+            store.wait(keys, timedelta(seconds=HELLO_TIMEOUT_S))
+            hellos = {r: json.loads(store.get(k)) for r, k in enumerate(keys)}
+        except TransportError:
+            raise
+        except Exception as exc:  # noqa: BLE001
             raise TransportError(
-                f"rank {rank} could not join the Gloo group at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: {exc}. "
-                "Check the master address and port, the firewall, and GLOO_SOCKET_IFNAME"
+                f"rank {rank} could not meet the other ranks at {addr}:{port}: {exc}. "
+                "Check the master address and port, the firewall, and that every machine was started"
             ) from exc
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank, owns_group=True)
+        check_hellos(hellos)
+        try:
+            dist.init_process_group(backend="gloo", store=dist.PrefixStore("torch_pp_pg/", base), rank=rank,
+                                    world_size=world_size, timeout=IDLE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001
+            raise TransportError(
+                f"rank {rank} could not join the Gloo group via {addr}:{port}: {exc}. Check GLOO_SOCKET_IFNAME and the firewall"
+            ) from exc
+        t = cls(rank=rank, world_size=world_size, local_rank=local_rank, hellos=hellos, owns_group=True)
+        t.monitor = Monitor(dist.PrefixStore("torch_pp/", connect()), rank=rank, peers=hellos).start()
+        t._base_store = base
+        if handle_signals:
+            t.monitor.handle_signals()
+        return t
 
     @property
     def next_rank(self) -> int:
@@ -79,6 +232,8 @@ class Transport:
         """Send one framed message to ``dst`` (blocks until Gloo has taken it)."""
         frame, rest = wire.pack(message, seq=self._seq, sender=self.rank, frame_bytes=FRAME_BYTES)
         self._seq += 1
+        if self.link is not None:
+            self.link.delay(frame.numel() + (rest.numel() if rest is not None else 0))
         try:
             dist.send(frame, dst)
             if rest is not None:
@@ -110,8 +265,15 @@ class Transport:
         dist.all_gather_object(out, obj)
         return out
 
+    def describe(self, *, layers: tuple[int, int]) -> None:
+        """Tell the other ranks' liveness monitors what this rank serves."""
+        if self.monitor is not None:
+            self.monitor.describe(layers=layers)
+
     def close(self) -> None:
         """Leave the process group if this transport created it."""
+        if self.monitor is not None:
+            self.monitor.stop()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

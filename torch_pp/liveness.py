@@ -1,0 +1,165 @@
+"""Liveness: no silent hangs, and no teardown of an idle pipeline.
+
+Gloo's own timeout cannot tell an idle pipeline (a notebook waiting for its next
+cell) from a dead one, so the process group gets a very long timeout and this
+monitor decides instead. A daemon thread on every rank:
+
+* bumps a heartbeat counter in the rendezvous store every second;
+* watches every other rank: a rank on this machine is lost the moment its
+  process is gone; a rank elsewhere when its counter has not moved for
+  ``stale_s`` seconds (counters, not clocks, so clock skew does not matter);
+* watches for a shutdown request (Ctrl-C on rank 0) and, when asked to handle
+  signals, for SIGINT/SIGTERM delivered to this process.
+
+When a peer is lost it prints one line naming the lost stage (rank, host,
+layers) and ends this process with exit code 1. A rank that leaves normally
+first marks itself done, so its silence is not mistaken for a failure.
+The store is any object with ``set``, ``get``, ``add`` and ``check`` (a c10d store).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+
+HEARTBEAT_S = 1.0
+POLL_S = 0.5
+STALE_S = float(os.environ.get("TORCH_PP_STALE_S", "8"))
+
+
+class Monitor:
+    """Heartbeats and peer watching for one rank.
+
+    Args:
+        store: A c10d store reserved for this monitor (its own connection).
+        rank: This rank.
+        peers: rank -> {"host", "pid"} for every rank, from the start-up hello.
+    """
+
+    def __init__(self, store, *, rank: int, peers: dict[int, dict]) -> None:
+        self.store = store
+        self.rank = rank
+        self.peers = peers
+        self.host = peers[rank]["host"]
+        self._stop = threading.Event()
+        self._seen: dict[int, tuple[int, float]] = {}
+        self._wakeup_r: int | None = None
+        self._thread = threading.Thread(target=self._run, name=f"torch_pp-liveness-{rank}", daemon=True)
+
+    def start(self) -> "Monitor":
+        self.store.set(f"hb/{self.rank}", "0")
+        self._thread.start()
+        return self
+
+    def describe(self, *, layers: tuple[int, int]) -> None:
+        """Record what this rank serves, for other ranks' messages."""
+        self.store.set(f"role/{self.rank}", f"layers {layers[0]}:{layers[1]}")
+
+    def handle_signals(self) -> None:
+        """Route SIGINT/SIGTERM to the monitor, which acts even while the main thread is inside Gloo.
+
+        Must be called from the main thread.
+        """
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._wakeup_r = r
+        signal.set_wakeup_fd(w)
+        signal.signal(signal.SIGTERM, lambda *_: None)  # the monitor decides
+        signal.signal(signal.SIGINT, lambda *_: None)
+
+    def stop(self) -> None:
+        """Leave normally: mark this rank done so peers do not report it lost."""
+        self._stop.set()
+        try:
+            self.store.set(f"done/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - the store may already be gone at exit
+            pass
+
+    def await_verdict(self, timeout_s: float = STALE_S + 4) -> None:
+        """After a communication error, give the monitor time to find (and report) the lost stage."""
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    # -- the thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        beat, last_beat = 0, 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                if now - last_beat >= HEARTBEAT_S:
+                    beat += 1
+                    self.store.set(f"hb/{self.rank}", str(beat))
+                    last_beat = now
+                if self.store.check(["shutdown"]) and self.rank != 0:
+                    reason = self.store.get("shutdown").decode()
+                    self._exit(f"torch_pp: rank {self.rank}: the pipeline was stopped on rank 0 ({reason})", 0)
+                lost = self._lost_peer(now)
+            except Exception as exc:  # noqa: BLE001 - the store's host is gone
+                if self._stop.is_set():
+                    return
+                self._exit(
+                    f"torch_pp: error: rank {self.rank} lost the rendezvous store on rank 0's machine "
+                    f"({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): {exc}. Stage 0 is gone or unreachable",
+                    1,
+                )
+            if lost is not None:
+                self._exit(f"torch_pp: error: {self._lost_message(lost)}; rank {self.rank} on {self.host} is stopping", 1)
+            self._check_signals()
+
+    def _lost_peer(self, now: float) -> int | None:
+        for r, info in self.peers.items():
+            if r == self.rank or self.store.check([f"done/{r}"]):
+                continue
+            if info["host"] == self.host and not psutil.pid_exists(info["pid"]):
+                if not self.store.check([f"done/{r}"]):
+                    return r
+                continue
+            count = int(self.store.get(f"hb/{r}"))
+            seen = self._seen.get(r)
+            if seen is None or seen[0] != count:
+                self._seen[r] = (count, now)
+            elif now - seen[1] > STALE_S:
+                return r
+        return None
+
+    def _lost_message(self, r: int) -> str:
+        role = self.store.get(f"role/{r}").decode() if self.store.check([f"role/{r}"]) else "not yet loaded"
+        why = "its process ended" if self.peers[r]["host"] == self.host else f"no heartbeat for {STALE_S:.0f} s (process dead or network down)"
+        return f"lost stage {r} on {self.peers[r]['host']} ({role}): {why}"
+
+    def _check_signals(self) -> None:
+        if self._wakeup_r is None:
+            time.sleep(POLL_S)
+            return
+        import select
+
+        ready, _, _ = select.select([self._wakeup_r], [], [], POLL_S)
+        if not ready:
+            return
+        signums = os.read(self._wakeup_r, 64)
+        lost = self._lost_peer(time.monotonic())
+        if lost is not None:  # torchrun stops us because a stage died: say which
+            self._exit(f"torch_pp: error: {self._lost_message(lost)}; rank {self.rank} on {self.host} is stopping", 1)
+        if self.rank == 0:
+            name = "Ctrl-C" if signal.SIGINT in signums else "terminated"
+            try:
+                self.store.set("shutdown", f"{name} on {self.host}")
+            except Exception:  # noqa: BLE001
+                pass
+            self._exit(f"torch_pp: {name}: stopping every stage", 130 if signal.SIGINT in signums else 143)
+        self._exit(f"torch_pp: rank {self.rank}: stopped by a signal", 143)
+
+    def _exit(self, message: str, code: int) -> None:
+        try:
+            self.store.set(f"done/{self.rank}", "1")
+        except Exception:  # noqa: BLE001
+            pass
+        print(message, file=sys.stderr, flush=True)
+        os._exit(code)
