@@ -37,7 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
     gen.add_argument("--output", choices=["text", "json"], default="text")
     gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    doc = sub.add_parser("doctor", help="check every machine and measure every link (run under torchrun like generate)")
+    doc.add_argument("--model", help="size the latency probe like this model's hidden state")
+    doc.add_argument("--device", help="device to report (default: best available)")
+    doc.add_argument("--message-bytes", type=int, default=16384, help="latency probe size (default: a 8192-wide fp16 hidden state)")
+    doc.add_argument("--expect-gbit", type=float, help="warn when a link gives well under this bandwidth")
+    doc.add_argument("--output", choices=["text", "json"], default="text")
     return parser
+
+
+def run_doctor(args: argparse.Namespace, transport) -> int:
+    from . import doctor
+
+    size = args.message_bytes
+    if args.model:
+        from .loading import read_config
+
+        size = read_config(args.model).hidden_size * 2
+    report, _, problems = doctor.run(transport, device=args.device, message_bytes=size, expect_gbit=args.expect_gbit)
+    if transport.rank == 0:
+        print(json.dumps(report) if args.output == "json" else doctor.format_report(report), flush=True)
+    return 1 if problems else 0
 
 
 def _quiet_worker(rank: int) -> None:
@@ -127,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         transport = Transport.from_env(handle_signals=True)
         if args.command == "generate":
             return run_generate(args, transport)
+        if args.command == "doctor":
+            return run_doctor(args, transport)
     except StartupError as exc:
-        if rank == 0:  # every rank got the same error; rank 0 says it once
+        # Every rank got the same error: rank 0 says it, and the first rank of each other machine
+        # too, so that whoever looks at that machine's terminal sees why it stopped.
+        other_machine = transport is not None and transport.local_rank == 0 and transport.host != transport.hellos[0]["host"]
+        if rank == 0 or other_machine:
             print(f"torch_pp: error: {exc}", file=sys.stderr)
         return 1
     except (PipelineError, TransportError) as exc:

@@ -47,7 +47,7 @@ class Op(enum.IntEnum):
     SHUTDOWN = 3  # end the pipeline session; forwarded round the ring
     ERROR = 4     # a stage failed; meta["error"] says how; forwarded to rank 0
     STATS = 5     # each stage appends its figures to meta["stages"]
-    HELLO = 6     # start-up agreement: each stage appends its fingerprint
+    PING = 6      # doctor's link measurements: echo or acknowledge
 
 
 class WireError(RuntimeError):

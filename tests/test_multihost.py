@@ -1,0 +1,127 @@
+"""Several machines for real: network-namespace hosts, torchrun --nnodes, launch/node.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import netns
+from conftest import free_port
+from tiny_models import write_tiny_model
+
+reason = netns.available()
+pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def smol(torch_pp_cache):
+    os.environ["TORCH_PP_CACHE"] = str(torch_pp_cache)
+    from torch_pp.default_model import ensure_default_model
+
+    folder = ensure_default_model(progress=False)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    want = ref.generate(**inputs, max_new_tokens=NEW, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    return folder, want
+
+
+def run_cluster(cluster: netns.Cluster, args: list[str], *, timeout: float = 240, per_host_env=None):
+    port = free_port()
+    procs = [cluster.node(i, args, port=port, env=(per_host_env or {}).get(i)) for i in range(cluster.n)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except Exception:
+            cluster.close()
+            raise
+        outs.append((p.returncode, out, err))
+    return outs
+
+
+@pytest.mark.parametrize("hosts", [2, 3])
+def test_hosts_give_the_single_host_tokens(smol, hosts):
+    folder, want = smol
+    with netns.Cluster(hosts, subnet=10 + hosts) as cluster:
+        outs = run_cluster(cluster, ["generate", "--model", str(folder), "--prompt", PROMPT, "--chat",
+                                     "--max-new-tokens", str(NEW), "--output", "json", "--no-progress"])
+    for code, _, err in outs:
+        assert code == 0, err[-3000:]
+    result = json.loads(outs[0][1].strip().splitlines()[-1])
+    assert result["token_ids"] == want
+    assert [s["host"] for s in result["stages"]] == [f"host{i}" for i in range(hosts)]
+    assert all(out.strip() == "" for _, out, _ in outs[1:]), "only rank 0 writes to stdout"
+
+
+def test_killed_host_stops_every_other_host(smol):
+    folder, _ = smol
+    with netns.Cluster(3, subnet=20) as cluster:
+        port = free_port()
+        args = ["generate", "--model", str(folder), "--prompt", "Tell me a long story.", "--chat",
+                "--max-new-tokens", "2000", "--min-new-tokens", "2000", "--no-progress"]
+        procs = [cluster.node(i, args, port=port) for i in range(3)]
+        fd = procs[0].stdout.fileno()
+        os.set_blocking(fd, False)
+        seen, deadline = b"", time.monotonic() + 240
+        while len(seen) < 40 and time.monotonic() < deadline:
+            try:
+                seen += os.read(fd, 65536)
+            except BlockingIOError:
+                pass
+            assert procs[0].poll() is None, procs[0].stderr.read()[-3000:]
+            time.sleep(0.2)
+        assert len(seen) >= 40, "generation did not start"
+        victims = [p for p in cluster.pids(1) if "torch_pp" in " ".join(psutil.Process(p).cmdline()) and "torch.distributed.run" not in " ".join(psutil.Process(p).cmdline())]
+        assert victims, "no stage process in host 1"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        codes = {}
+        for i in (0, 2):
+            procs[i].wait(timeout=60)
+            codes[i] = (procs[i].returncode, time.monotonic() - start, procs[i].stderr.read())
+    for i, (code, seconds, err) in codes.items():
+        assert code != 0, f"host {i} exited 0"
+        assert seconds <= 15, f"host {i} took {seconds:.1f}s"
+        assert "lost stage 1 on host1 (layers 10:20)" in err, err[-3000:]
+
+
+def test_different_model_on_one_host_fails_startup_everywhere(tmp_path):
+    a = write_tiny_model("llama", tmp_path / "a", seed=0)
+    b = write_tiny_model("llama", tmp_path / "b", seed=1)  # same architecture and sizes, other weights
+    with netns.Cluster(2, subnet=30) as cluster:
+        port = free_port()
+        procs = [cluster.node(i, ["generate", "--model", str(m), "--prompt", "hi", "--no-progress"], port=port)
+                 for i, m in enumerate((a, b))]
+        outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode != 0
+        assert "ranks disagree on model" in err, err[-3000:]
+        assert "rank 0 (host0)" in err and "rank 1 (host1)" in err
+
+
+def test_doctor_measures_a_capped_link(tmp_path):
+    with netns.Cluster(2, subnet=40) as cluster:
+        cluster.cap(1, rate="1gbit")
+        outs = run_cluster(cluster, ["doctor", "--output", "json"], timeout=180)
+    for code, _, err in outs:
+        assert code == 0, err[-3000:]
+    report = json.loads(outs[0][1].strip().splitlines()[-1])
+    assert [n["host"] for n in report["nodes"]] == ["host0", "host1"]
+    assert all(n["iface"] == "eth0" and n["address"].startswith("10.77.40.") for n in report["nodes"])
+    links = {(l["from"], l["to"]): l for l in report["links"]}
+    capped = links[(1, 0)]["gbit_per_s"]
+    assert 0.7 <= capped <= 1.3, f"capped link measured {capped:.2f} Gbit/s"
+    assert links[(0, 1)]["gbit_per_s"] > 1.5, "the uncapped direction should be faster"
+    assert all(l["latency_ms"] > 0 for l in links.values())
