@@ -90,14 +90,14 @@ def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = 
     data_start = _aligned(len(meta_bytes))
     total = data_start + offset
     inline = total <= frame_bytes - HEADER_BYTES
-    frame = torch.zeros(frame_bytes, dtype=torch.uint8)
+    frame = torch.empty(frame_bytes, dtype=torch.uint8)
     payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else torch.empty(total, dtype=torch.uint8)
     payload[: len(meta_bytes)] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
-    for t, (_, _, off, nbytes) in zip(message.tensors, specs):
+    for t, (_, shape, off, nbytes) in zip(message.tensors, specs):
         if nbytes:
-            # Blocking copy: non_blocking device->CPU copies (MPS above all) can land late or corrupt.
-            src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            payload[data_start + off : data_start + off + nbytes] = src
+            # One blocking copy straight into the payload (from any device, any strides):
+            # non_blocking device->CPU copies (MPS above all) can land late or corrupt.
+            payload[data_start + off : data_start + off + nbytes].view(t.dtype).view(shape).copy_(t.detach())
     header = [MAGIC, PROTOCOL, int(message.op), len(meta_bytes), total, seq, sender, int(inline)]
     frame[:HEADER_BYTES].view(torch.int64)[:] = torch.tensor(header, dtype=torch.int64)
     return frame, (None if inline else payload)

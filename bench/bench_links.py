@@ -1,0 +1,75 @@
+"""Decode time per token over simulated links: what each stage boundary adds beyond the link itself.
+
+Embedded SmolLM2-135M-Instruct, CPU, fp32, one thread per process, 2 and 3 stages, with
+the transport's simulated 10GbE and Thunderbolt 4 links (TORCH_PP_SIM_LINK) and with the
+plain loopback. For each: decode tokens/s, ms per token, communication per boundary, and the
+time per boundary beyond what the simulated link itself costs (latency + frame transfer).
+
+    python bench/bench_links.py [--new-tokens 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import dump, print_table  # noqa: E402
+from bench_decode import PROMPT, free_port  # noqa: E402
+
+from torch_pp.transport import FRAME_BYTES, SimulatedLink  # noqa: E402
+
+
+def run_pipeline(model_dir: str, stages: int, link: str | None, new_tokens: int, reps: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_PP_SIM_LINK", None)
+    if link:
+        env["TORCH_PP_SIM_LINK"] = link
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "pp.json")
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(stages),
+             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"),
+             model_dir, PROMPT, str(new_tokens), str(reps), out],
+            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    from torch_pp.default_model import ensure_default_model
+
+    model_dir = args.model or str(ensure_default_model())
+    rows, results = [], []
+    for stages in (2, 3):
+        for link in (None, "10gbe", "tb4"):
+            r = run_pipeline(model_dir, stages, link, args.new_tokens, args.reps)
+            sim = SimulatedLink.from_spec(link)
+            # A decode step's message is one frame: the link's own cost for it.
+            link_ms = 1000 * (sim.latency_s + FRAME_BYTES * 8 / (sim.gbit_per_s * 1e9)) if sim else 0.0
+            added = r["per_boundary_ms"] - link_ms
+            results.append({"stages": stages, "link": link or "loopback", "decode_tokens_per_s": r["decode_tokens_per_s"],
+                            "ms_per_token": 1000 / r["decode_tokens_per_s"], "ttft_s": r["ttft_s"],
+                            "comm_per_boundary_ms": r["per_boundary_ms"], "simulated_link_ms": link_ms,
+                            "added_per_boundary_ms": added, "communication_share": r["communication_share"]})
+            rows.append([str(stages), link or "loopback", f"{r['decode_tokens_per_s']:.2f}", f"{1000 / r['decode_tokens_per_s']:.1f}",
+                         f"{r['per_boundary_ms']:.3f}", f"{link_ms:.3f}", f"{added:.3f}", f"{100 * r['communication_share']:.1f}%"])
+    dump({"model": model_dir, "frame_bytes": FRAME_BYTES, "runs": results}, args.json)
+    print()
+    print_table(rows, ["stages", "link", "tok/s", "ms/token", "comm/boundary ms", "link itself ms", "added ms (goal <= 0.3)", "comm share"])
+
+
+if __name__ == "__main__":
+    main()
