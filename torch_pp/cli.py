@@ -35,8 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=list(DTYPES))
     gen.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
     gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
+    gen.add_argument("--balance", choices=["memory", "even"], default="memory",
+                     help="place layers by each rank's free memory (default) or evenly")
+    gen.add_argument("--context", type=int, default=4096, help="tokens the KV cache is sized for when placing layers")
+    gen.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
     gen.add_argument("--output", choices=["text", "json"], default="text")
     gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pl = sub.add_parser("plan", help="preview a placement from a model folder or config.json: no torchrun, no weights")
+    pl.add_argument("model", help="model folder or its config.json")
+    pl.add_argument("--memory", required=True, help="usable memory per node, e.g. 128GiB,192GiB (on Macs about 75%% of RAM)")
+    pl.add_argument("--dtype", default="float16", help="float32, float16, bfloat16, int8/8bit or int4/4bit (default float16)")
+    pl.add_argument("--context", type=int, default=4096)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--balance", choices=["memory", "even"], default="memory")
+    pl.add_argument("--layers", help="manual plan to check instead")
+    pl.add_argument("--reserve", default="1GiB", help="runtime overhead per node (default 1GiB)")
+    pl.add_argument("--output", choices=["text", "json"], default="text")
     doc = sub.add_parser("doctor", help="check every machine and measure every link (run under torchrun like generate)")
     doc.add_argument("--model", help="size the latency probe like this model's hidden state")
     doc.add_argument("--device", help="device to report (default: best available)")
@@ -44,6 +58,47 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--expect-gbit", type=float, help="warn when a link gives well under this bandwidth")
     doc.add_argument("--output", choices=["text", "json"], default="text")
     return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``torch_pp plan``: exit 0 if the model fits, 3 if it does not."""
+    from pathlib import Path
+
+    from .plan import even_plan, parse_layers
+    from .planning import load_config_only
+    from .sizing import BYTES_PER_PARAM, format_bytes, memory_plan, model_sizes, needs_table, parse_bytes, stage_needs
+
+    if args.dtype not in BYTES_PER_PARAM:
+        raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
+    config, checkpoint_bytes = load_config_only(Path(args.model))
+    memory = [parse_bytes(m) for m in args.memory.split(",")]
+    reserve = parse_bytes(args.reserve)
+    sizes = model_sizes(config)
+    n = config.num_hidden_layers
+    if args.layers:
+        plan = parse_layers(args.layers, num_layers=n)
+        plan.check_world_size(len(memory))
+    elif args.balance == "even":
+        plan = even_plan(num_layers=n, num_stages=len(memory))
+    else:
+        plan = memory_plan(sizes, available=memory, dtype=args.dtype, context=args.context, batch=args.batch, reserve=reserve)
+    needs = stage_needs(sizes, plan, dtype=args.dtype, context=args.context, batch=args.batch, available=memory, reserve=reserve)
+    fits = all(s.fits for s in needs)
+    params = sum(sizes.layer_params) + sizes.rank0_params
+    if args.output == "json":
+        print(json.dumps({
+            "model_type": config.model_type, "parameters": params, "dtype": args.dtype, "context": args.context,
+            "batch": args.batch, "checkpoint_bytes": checkpoint_bytes, "fits": fits,
+            "stages": [{"rank": s.rank, "layers": list(s.layers), "weight_bytes": s.weight_bytes, "kv_bytes": s.kv_bytes,
+                        "reserve_bytes": s.reserve_bytes, "total_bytes": s.total_bytes, "available_bytes": s.available_bytes,
+                        "headroom_bytes": s.headroom_bytes, "fits": s.fits} for s in needs],
+        }))
+    else:
+        print(f"{config.model_type}: {params / 1e9:.2f} B parameters, {n} layers, {args.dtype}, context {args.context} x batch {args.batch}"
+              + (f"; checkpoint {format_bytes(checkpoint_bytes)}" if checkpoint_bytes else ""))
+        print(needs_table(needs))
+        print("fits: yes" if fits else "fits: NO - the stages marked NO need more memory")
+    return 0 if fits else 3
 
 
 def run_doctor(args: argparse.Namespace, transport) -> int:
@@ -79,8 +134,11 @@ def run_generate(args: argparse.Namespace, transport) -> int:
     from . import start
     from .generate import Streamers, TokenTimer
 
-    pipe = start(args.model, layers=args.layers, device=args.device, dtype=args.dtype, progress=not args.no_progress,
-                 transport=transport)
+    from .sizing import parse_bytes
+
+    pipe = start(args.model, layers=args.layers, balance=args.balance, context=args.context,
+                 max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                 device=args.device, dtype=args.dtype, progress=not args.no_progress, transport=transport)
     if not pipe.is_driver:
         return 0
     with pipe:
@@ -144,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     transport = None
     try:
+        if args.command == "plan":
+            return run_plan(args)
         transport = Transport.from_env(handle_signals=True)
         if args.command == "generate":
             return run_generate(args, transport)

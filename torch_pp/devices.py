@@ -103,6 +103,17 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss)
 
 
+def memory_available(device: torch.device) -> int:
+    """Bytes this process could use: free CUDA memory, MPS's recommended working set, or available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory())
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so timings and CPU copies see finished results."""
     if device.type == "cuda":

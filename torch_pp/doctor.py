@@ -13,23 +13,13 @@ from __future__ import annotations
 import statistics
 import time
 
-import psutil
 import torch
 
-from .devices import pick_device, supported_dtypes
+from .devices import memory_available, pick_device, supported_dtypes
 from .transport import Transport
 from .wire import Message, Op
 
 BANDWIDTH_BYTES = 16 * 2**20
-
-
-def memory_available(device: torch.device) -> int:
-    """Bytes this rank could use for weights: free device memory, MPS's working set, or available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "mps":
-        return int(torch.mps.recommended_max_memory())
-    return int(psutil.virtual_memory().available)
 
 
 def _ping(t: Transport, peer: int, payload: torch.Tensor, *, reps: int) -> list[float]:

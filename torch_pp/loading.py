@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
+import struct
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
@@ -39,6 +39,50 @@ _FUSED_EXPERTS = {
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
 }
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """Reads single tensors of a safetensors file with plain reads into fresh buffers.
+
+    ``safe_open`` memory-maps the file, and mapped pages that a copy reads count in the
+    process's resident memory next to the copy: a loading stage would peak at twice its
+    share. Reading each tensor straight into its own buffer keeps the peak at the share.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "rb")
+        (n,) = struct.unpack("<Q", self._f.read(8))
+        self.header = json.loads(self._f.read(n))
+        self.header.pop("__metadata__", None)
+        self._data_start = 8 + n
+
+    def read(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        start, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        if end > start:
+            self._f.seek(self._data_start + start)
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            got = self._f.readinto(view)
+            if got != end - start:
+                raise ModelFolderError(f"{self.path} is truncated: {key} needs {end - start} bytes, got {got}")
+        return out
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class ModelFolderError(ValueError):
@@ -95,8 +139,8 @@ def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
             raise ModelFolderError(f"{path}/{INDEX_FILE} names weight files that are missing: {', '.join(missing)}")
         return mapping
     if (path / SINGLE_FILE).is_file():
-        with safe_open(path / SINGLE_FILE, framework="pt") as f:
-            return {key: SINGLE_FILE for key in f.keys()}
+        with SafetensorsReader(path / SINGLE_FILE) as f:
+            return {key: SINGLE_FILE for key in f.header}
     raise ModelFolderError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
@@ -208,13 +252,13 @@ def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dty
     start, end = plan.ranges[rank]
     bar = tqdm(names, desc=f"rank {rank}: loading layers {start}:{end}", unit="tensor", disable=not progress, leave=False)
     with ExitStack() as stack:
-        handles: dict[str, object] = {}
+        handles: dict[str, SafetensorsReader] = {}
 
         def read(key: str) -> torch.Tensor:
             fname = weights[key]
             if fname not in handles:
-                handles[fname] = stack.enter_context(safe_open(model_dir / fname, framework="pt"))
-            return handles[fname].get_tensor(key)
+                handles[fname] = stack.enter_context(SafetensorsReader(model_dir / fname))
+            return handles[fname].read(key)
 
         for name in bar:
             target = torch.float32 if _keep_fp32(model, name) else dtype

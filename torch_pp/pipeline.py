@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from .default_model import ensure_default_model
-from .devices import dtype_name, peak_memory_bytes, pick_device, pick_dtype
+from .devices import dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
 from .generate import guard_generate
 from . import __version__
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
-from .plan import StagePlan, even_plan, parse_layers
+from .plan import PlanError, StagePlan, even_plan, parse_layers
 from .runtime import Driver, agree, agree_on, serve
+from .sizing import DEFAULT_RESERVE, memory_plan, model_sizes, needs_table, stage_needs
 from .transport import FRAME_BYTES, Transport
 
 
@@ -106,6 +107,10 @@ def start(
     model: str | os.PathLike | None = None,
     *,
     layers: str | None = None,
+    balance: str = "memory",
+    context: int = 4096,
+    batch: int = 1,
+    max_memory: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
@@ -116,7 +121,13 @@ def start(
     Args:
         model: Hugging Face model folder (config.json, safetensors, tokenizer). None: the
             embedded SmolLM2-135M-Instruct.
-        layers: Manual plan such as ``"0:10,10:30"``; default: an even split.
+        layers: Manual plan such as ``"0:10,10:30"``; overrides ``balance``.
+        balance: ``"memory"`` (layers in proportion to each rank's free memory, counting rank 0's
+            embedding and head and the KV cache) or ``"even"`` (equal layer counts).
+        context: Tokens per sequence the KV cache is sized for when placing and checking the fit.
+        batch: Sequences the KV cache is sized for.
+        max_memory: Bytes this rank may use; default: what the device reports (shared equally by
+            the ranks on one machine or GPU).
         device: ``mps``, ``cuda`` or ``cpu``; default: the best available.
         dtype: ``float32``, ``float16`` or ``bfloat16``; default: per device.
         progress: Show progress bars (on the first rank of each machine).
@@ -137,14 +148,39 @@ def start(
         model_dir = Path(model) if model is not None else ensure_default_model(progress=show)
         config = read_config(model_dir)
         weight_map(model_dir)  # fail early when weights are missing
-        n = config.num_hidden_layers
-        plan = parse_layers(layers, num_layers=n) if layers else even_plan(num_layers=n, num_stages=transport.world_size)
-        plan.check_world_size(transport.world_size)
+        if balance not in ("memory", "even"):
+            raise PlanError(f"balance must be 'memory' or 'even', not {balance!r}")
         dev = pick_device(device, local_rank=transport.local_rank)
-        return model_dir, plan, dev, pick_dtype(dtype, dev), model_fingerprint(model_dir)
+        memory = {"host": transport.host, "device": str(dev), "capped": max_memory is not None,
+                  "bytes": max_memory if max_memory is not None else memory_available(dev)}
+        return model_dir, config, dev, pick_dtype(dtype, dev), model_fingerprint(model_dir), memory
+
+    def place(config, dt, rows):
+        # Ranks on one machine (or one GPU) share its memory.
+        available = [r["bytes"] if r["capped"] else r["bytes"] // sum((o["host"], o["device"]) == (r["host"], r["device"]) for o in rows)
+                     for r in rows]
+        sizes = model_sizes(config)
+        n = config.num_hidden_layers
+        if layers:
+            plan = parse_layers(layers, num_layers=n)
+        elif balance == "even":
+            plan = even_plan(num_layers=n, num_stages=transport.world_size)
+        else:
+            plan = memory_plan(sizes, available=available, dtype=dtype_name(dt), context=context, batch=batch)
+        plan.check_world_size(transport.world_size)
+        needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=context, batch=batch, available=available,
+                            reserve=DEFAULT_RESERVE)
+        if not all(s.fits for s in needs):
+            raise PlanError(
+                f"the model does not fit this cluster at {dtype_name(dt)} with a {context}-token context:\n"
+                + needs_table(needs) + "\nuse a smaller dtype or context, more machines, or `torch_pp plan` to explore"
+            )
+        return plan
 
     try:
-        model_dir, plan, dev, dt, fingerprint = agree(transport, prepare, what="start the pipeline")
+        model_dir, config, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
+        rows = transport.all_gather_object(memory)
+        plan = agree(transport, lambda: place(config, dt, rows), what="place the model")
         agree_on(transport, {
             "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
             "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": FRAME_BYTES,

@@ -1,0 +1,188 @@
+"""How much memory each stage needs, and placement of layers by memory.
+
+Everything here is pure arithmetic on a config: parameter counts come from the
+model's own transformers classes built on the meta device (so MoE layers, dense
+layers, MLA and tied embeddings are counted exactly as they will be loaded), and
+KV-cache sizes from the attention shapes. No weights are read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .plan import PlanError, StagePlan
+
+# Bytes per parameter; the integer widths are for planning quantised checkpoints.
+BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "8bit": 1.0, "int4": 0.5, "4bit": 0.5}
+KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 2, "8bit": 2, "int4": 2, "4bit": 2}  # caches stay 16-bit
+DEFAULT_RESERVE = 1 * 2**30  # runtime, activations and framework per rank
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Per-part parameter counts and per-token KV-cache elements of one model.
+
+    Attributes:
+        layer_params: Parameters of each decoder layer, by global index.
+        rank0_params: Embedding + final norm + LM head (counted once when tied).
+        kv_elems_per_token: Cached K and V elements per token, for each layer.
+        kv_window: Sliding window per layer (None for full attention).
+    """
+
+    layer_params: tuple[int, ...]
+    rank0_params: int
+    kv_elems_per_token: tuple[int, ...]
+    kv_window: tuple[int | None, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_params)
+
+
+def model_sizes(config) -> ModelSizes:
+    """Count parameters and KV-cache widths of ``config`` without allocating anything."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    counts: dict[int, int] = {}
+    rank0 = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m:
+            counts[int(m.group(1))] = counts.get(int(m.group(1)), 0) + p.numel()
+        else:
+            rank0 += p.numel()
+    n = config.num_hidden_layers
+    kv, window = [], []
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n
+    for i in range(n):
+        kv.append(_kv_elems(config))
+        sliding = layer_types[i] == "sliding_attention" or (
+            getattr(config, "sliding_window", None) and getattr(config, "model_type", "") == "mistral"
+        )
+        window.append(int(config.sliding_window) if sliding and getattr(config, "sliding_window", None) else None)
+    return ModelSizes(tuple(counts.get(i, 0) for i in range(n)), rank0, tuple(kv), tuple(window))
+
+
+def _kv_elems(config) -> int:
+    if getattr(config, "kv_lora_rank", None):  # MLA caches the compressed latent and the rope key
+        return int(config.kv_lora_rank + config.qk_rope_head_dim)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * heads * head_dim
+
+
+@dataclass(frozen=True)
+class StageNeed:
+    """What one stage needs, in bytes."""
+
+    rank: int
+    layers: tuple[int, int]
+    weight_bytes: int
+    kv_bytes: int
+    reserve_bytes: int
+    available_bytes: int | None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.reserve_bytes
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.available_bytes is None else self.available_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.headroom_bytes >= 0
+
+
+def layer_bytes(sizes: ModelSizes, *, dtype: str, context: int, batch: int) -> list[tuple[int, int]]:
+    """(weight bytes, KV bytes) of each layer."""
+    per = BYTES_PER_PARAM[dtype]
+    out = []
+    for params, kv, win in zip(sizes.layer_params, sizes.kv_elems_per_token, sizes.kv_window):
+        tokens = min(context, win) if win else context
+        out.append((int(params * per), batch * tokens * kv * KV_BYTES[dtype]))
+    return out
+
+
+def stage_needs(sizes: ModelSizes, plan: StagePlan, *, dtype: str, context: int, batch: int,
+                available: list[int] | None = None, reserve: int = DEFAULT_RESERVE) -> list[StageNeed]:
+    """Bytes each stage of ``plan`` needs, with ``available`` memory per rank if known."""
+    per_layer = layer_bytes(sizes, dtype=dtype, context=context, batch=batch)
+    needs = []
+    for r, (start, end) in enumerate(plan.ranges):
+        w = sum(per_layer[i][0] for i in range(start, end)) + (int(sizes.rank0_params * BYTES_PER_PARAM[dtype]) if r == 0 else 0)
+        kv = sum(per_layer[i][1] for i in range(start, end))
+        needs.append(StageNeed(r, (start, end), w, kv, reserve, None if available is None else available[r]))
+    return needs
+
+
+def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context: int, batch: int,
+                reserve: int = DEFAULT_RESERVE) -> StagePlan:
+    """Contiguous layer ranges in proportion to each rank's free memory.
+
+    A rank's free memory is what it reports less its fixed costs (the runtime reserve, and on
+    rank 0 the embedding, final norm and LM head). Layers (weights plus KV cache) are cut so that
+    each rank's share of their total follows its share of the free memory; every rank gets at
+    least one layer. Whether the result fits is for ``stage_needs`` to say.
+
+    Raises:
+        PlanError: if there are more ranks than layers.
+    """
+    n_ranks, n_layers = len(available), sizes.num_layers
+    if n_ranks > n_layers:
+        raise PlanError(f"{n_ranks} stages for a model with {n_layers} layers: every stage needs at least one layer")
+    cost = [w + kv for w, kv in layer_bytes(sizes, dtype=dtype, context=context, batch=batch)]
+    fixed = [reserve + (int(sizes.rank0_params * BYTES_PER_PARAM[dtype]) if r == 0 else 0) for r in range(n_ranks)]
+    free = [max(a - f, 1) for a, f in zip(available, fixed)]
+    total = sum(cost)
+    bounds, acc, i = [0], 0, 0
+    for r in range(n_ranks - 1):
+        target = total * sum(free[: r + 1]) / sum(free)
+        # Advance while the next layer's midpoint is still within this rank's target.
+        while i < n_layers - (n_ranks - r - 1) and (i == bounds[-1] or acc + cost[i] / 2 <= target):
+            acc += cost[i]
+            i += 1
+        bounds.append(i)
+    bounds.append(n_layers)
+    return StagePlan(ranges=tuple(zip(bounds[:-1], bounds[1:])), num_layers=n_layers)
+
+
+def parse_bytes(text: str) -> int:
+    """``"128GiB"``, ``"96GB"``, ``"512MiB"`` or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"bad memory size {text!r}; use e.g. 128GiB, 96GB or 512MiB")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    scale = {"B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{sign}{n / scale:.2f} {unit}"
+    return f"{sign}{n} B"
+
+
+def needs_table(needs: list[StageNeed]) -> str:
+    head = ["stage", "layers", "weights", "KV cache", "reserve", "total", "available", "headroom", "fits"]
+    rows = [[str(s.rank), f"{s.layers[0]}:{s.layers[1]}", format_bytes(s.weight_bytes), format_bytes(s.kv_bytes),
+             format_bytes(s.reserve_bytes), format_bytes(s.total_bytes), format_bytes(s.available_bytes),
+             format_bytes(s.headroom_bytes), "yes" if s.fits else "NO"] for s in needs]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
