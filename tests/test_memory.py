@@ -1,0 +1,36 @@
+"""Each stage's peak memory stays at its share of the weights (a few-hundred-MB model, 2 real ranks)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import WORKERS, torchrun
+
+SLACK = 64 * 2**20  # allocator and bookkeeping beyond the weights
+
+
+def write_model(path):
+    config = AutoConfig.for_model("llama", vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                  num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path, max_shard_size="100MB")
+    return path
+
+
+def test_peak_rss_stays_at_the_share(tmp_path):
+    folder = write_model(tmp_path / "model")
+    run = torchrun(2, [str(WORKERS / "rss_worker.py"), str(folder)], env={"OUT": str(tmp_path)}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    shares = []
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rss{rank}.json").read_text())
+        added = r["peak"] - r["baseline"]
+        shares.append(r["share"])
+        assert r["share"] < 0.75 * total, f"rank {rank} holds {r['share']} of {total} bytes"
+        assert added <= 1.15 * r["share"] + SLACK, f"rank {rank}: peak grew {added / 2**20:.0f} MiB for a {r['share'] / 2**20:.0f} MiB share"
+    assert abs(sum(shares) - total) < 0.01 * total

@@ -1,0 +1,28 @@
+"""Load a pipeline stage and report the peak RSS it added over the process's baseline."""
+
+import json
+import os
+import resource
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import torch_pp
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+model_dir = sys.argv[1]
+with torch.device("meta"):  # warm the imports and model classes, so the baseline holds them
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+baseline = peak_rss()
+pipe = torch_pp.start(model_dir, progress=False, balance="even")
+report = {"rank": pipe.rank, "baseline": baseline, "peak": peak_rss(), "share": pipe.stage.weight_bytes}
+with open(os.path.join(os.environ["OUT"], f"rss{pipe.rank}.json"), "w") as f:
+    json.dump(report, f)
+if pipe.is_driver:
+    pipe.model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    pipe.close()
