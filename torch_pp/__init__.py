@@ -10,11 +10,12 @@ Public surface::
 
 __version__ = "0.1.0"
 
+from .interactive import close_all, join, local_pipeline  # noqa: E402
 from .pipeline import Pipeline, start  # noqa: E402
 from .plan import PlanError, StagePlan, even_plan, parse_layers  # noqa: E402
 from .runtime import PipelineError, StartupError  # noqa: E402
 
 __all__ = [
     "Pipeline", "PipelineError", "PlanError", "StagePlan", "StartupError",
-    "even_plan", "parse_layers", "start", "__version__",
+    "close_all", "even_plan", "join", "local_pipeline", "parse_layers", "start", "__version__",
 ]

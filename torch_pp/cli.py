@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
     gen.add_argument("--output", choices=["text", "json"], default="text")
     gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    wk = sub.add_parser("worker", help="serve one stage for a driver process (a notebook): see torch_pp.interactive")
+    wk.add_argument("--driver", required=True, help="the driver's address:port")
+    wk.add_argument("--rank", type=int, required=True, help="this stage's rank, 1 .. stages-1")
+    wk.add_argument("--stages", type=int, required=True, help="number of stages, the driver included")
+    wk.add_argument("--local-rank", type=int, default=0)
     pl = sub.add_parser("plan", help="preview a placement from a model folder or config.json: no torchrun, no weights")
     pl.add_argument("model", help="model folder or its config.json")
     pl.add_argument("--memory", required=True, help="usable memory per node, e.g. 128GiB,192GiB (on Macs about 75%% of RAM)")
@@ -204,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return run_plan(args)
+        if args.command == "worker":
+            from .interactive import worker_main
+
+            return worker_main(driver=args.driver, rank=args.rank, stages=args.stages, local_rank=args.local_rank)
         transport = Transport.from_env(handle_signals=True)
         if args.command == "generate":
             return run_generate(args, transport)

@@ -26,7 +26,7 @@ from .sizing import DEFAULT_RESERVE, memory_plan, model_sizes, needs_table, stag
 from .transport import FRAME_BYTES, Transport
 
 
-@dataclass
+@dataclass(eq=False)
 class Pipeline:
     """A running pipeline, as seen from one rank.
 
@@ -95,6 +95,9 @@ class Pipeline:
             self.stage.span.runner = None
         if self._owns_transport:
             self.transport.close()
+        from . import interactive
+
+        interactive._reap(self)
 
     def __enter__(self) -> "Pipeline":
         return self

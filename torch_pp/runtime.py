@@ -103,8 +103,7 @@ class Driver:
         """Send activations round the ring; return the final hidden state [B, S, H] on rank 0's device."""
         start = time.perf_counter()
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
-        self.transport.send(Message(Op.FORWARD, meta, tensors), dst=1)
-        reply = self.transport.recv(src=self.last_rank)
+        reply = self._exchange(Message(Op.FORWARD, meta, tensors))
         if reply.op == Op.ERROR:
             raise PipelineError(reply.meta["error"])
         if reply.op != Op.RESULT:
@@ -114,18 +113,35 @@ class Driver:
         self.calls += 1
         return out
 
+    def _exchange(self, message: Message) -> Message:
+        """Send round the ring and take the reply, even if interrupted in between.
+
+        A KeyboardInterrupt (a notebook's interrupt button) that lands after the send is held
+        back until the reply is in, so the ring never keeps a stale message and the pipeline
+        stays usable; the interrupt is then raised.
+        """
+        self.transport.send(message, dst=1)
+        interrupted = False
+        while True:
+            try:
+                reply = self.transport.recv(src=self.last_rank)
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
+        return reply
+
     def collect_stats(self) -> list[dict]:
         """Each remote stage's figures (see ``serve``), in rank order."""
-        self.transport.send(Message(Op.STATS, {"stages": []}), dst=1)
-        reply = self.transport.recv(src=self.last_rank)
+        reply = self._exchange(Message(Op.STATS, {"stages": []}))
         if reply.op != Op.STATS:
             raise PipelineError(f"expected STATS back, got {reply.op.name}")
         return reply.meta["stages"]
 
     def shutdown(self) -> None:
         """End the session on every stage; returns once the message has gone round the ring."""
-        self.transport.send(Message(Op.SHUTDOWN), dst=1)
-        reply = self.transport.recv(src=self.last_rank)
+        reply = self._exchange(Message(Op.SHUTDOWN))
         if reply.op != Op.SHUTDOWN:
             raise PipelineError(f"expected SHUTDOWN back, got {reply.op.name}")
 

@@ -179,27 +179,46 @@ class Transport:
             TransportError: if the group cannot be formed, with the reason.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if world_size == 1:
             return cls(rank=0, world_size=1, local_rank=0, hellos={0: local_info()}, owns_group=False)
-        addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        return cls.connect(
+            rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            addr=os.environ.get("MASTER_ADDR", "127.0.0.1"), port=int(os.environ.get("MASTER_PORT", "29500")),
+            host_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and int(os.environ.get("RANK", "0")) == 0,
+            handle_signals=handle_signals,
+        )
 
-        def connect(is_master: bool = False):
-            return dist.TCPStore(addr, port, world_size if is_master else None, is_master=is_master,
-                                 timeout=timedelta(seconds=HELLO_TIMEOUT_S), wait_for_workers=False)
+    @classmethod
+    def connect(cls, *, rank: int, world_size: int, addr: str, port: int, local_rank: int = 0,
+                host_store: bool = False, handle_signals: bool = False) -> "Transport":
+        """Join a group explicitly: ``addr:port`` is the rendezvous store (rank 0's machine).
+
+        Args:
+            rank: This rank.
+            world_size: Number of ranks.
+            addr: Address of the store.
+            port: Port of the store.
+            local_rank: Rank on this machine.
+            host_store: Serve the store from this process (rank 0 outside torchrun).
+            handle_signals: See ``from_env``.
+
+        Raises:
+            TransportError: if the group cannot be formed, with the reason.
+        """
+        if world_size == 1:
+            return cls(rank=0, world_size=1, local_rank=0, hellos={0: local_info()}, owns_group=False)
+
+        def client():
+            return dist.TCPStore(addr, port, None, is_master=False, timeout=timedelta(seconds=HELLO_TIMEOUT_S))
 
         try:
-            # Outside torchrun, rank 0 hosts the store itself.
-            base = connect(is_master=rank == 0 and not agent_store)
+            base = dist.TCPStore(addr, port, world_size, is_master=True, timeout=timedelta(seconds=HELLO_TIMEOUT_S),
+                                 wait_for_workers=False) if host_store else client()
             store = dist.PrefixStore("torch_pp/", base)
             store.set(f"hello/{rank}", json.dumps(local_info()))
             keys = [f"hello/{r}" for r in range(world_size)]
             store.wait(keys, timedelta(seconds=HELLO_TIMEOUT_S))
             hellos = {r: json.loads(store.get(k)) for r, k in enumerate(keys)}
-        except TransportError:
-            raise
         except Exception as exc:  # noqa: BLE001
             raise TransportError(
                 f"rank {rank} could not meet the other ranks at {addr}:{port}: {exc}. "
@@ -214,11 +233,22 @@ class Transport:
                 f"rank {rank} could not join the Gloo group via {addr}:{port}: {exc}. Check GLOO_SOCKET_IFNAME and the firewall"
             ) from exc
         t = cls(rank=rank, world_size=world_size, local_rank=local_rank, hellos=hellos, owns_group=True)
-        t.monitor = Monitor(dist.PrefixStore("torch_pp/", connect()), rank=rank, peers=hellos).start()
-        t._base_store = base
+        t._store = store
+        t._base_store = base  # keeps the store (and, on its host, the server) alive
+        t._hosting = host_store
+        t.monitor = Monitor(dist.PrefixStore("torch_pp/", client()), rank=rank, peers=hellos).start()
         if handle_signals:
             t.monitor.handle_signals()
         return t
+
+    def publish(self, key: str, value: str) -> None:
+        """Post a value for the other ranks (e.g. the driver's start options)."""
+        self._store.set(f"pub/{key}", value)
+
+    def fetch(self, key: str, *, timeout_s: float = HELLO_TIMEOUT_S) -> str:
+        """Wait for a value another rank published."""
+        self._store.wait([f"pub/{key}"], timedelta(seconds=timeout_s))
+        return self._store.get(f"pub/{key}").decode()
 
     @property
     def next_rank(self) -> int:
@@ -274,6 +304,12 @@ class Transport:
         """Leave the process group if this transport created it."""
         if self.monitor is not None:
             self.monitor.stop()
+            if getattr(self, "_hosting", False):
+                # This process serves the store: keep it up until every rank has left.
+                others = [f"done/{r}" for r in range(self.world_size) if r != self.rank]
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not self._store.check(others):
+                    time.sleep(0.05)
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

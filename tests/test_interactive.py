@@ -1,0 +1,112 @@
+"""The Python API for interactive use: local pipelines, joining remote workers, clean closing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
+
+import torch_pp
+from conftest import ROOT, WORKERS, free_port
+
+
+def wait_gone(pids, timeout=20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    return alive
+
+
+def test_start_generate_close_start_again(tiny_models):
+    path = tiny_models["llama"]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    for stages in (2, 3):
+        pipe = torch_pp.local_pipeline(path, stages=stages, progress=False)
+        workers = [p.pid for p in psutil.Process().children()]
+        assert len(workers) == stages - 1
+        assert torch.equal(pipe.model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False), want)
+        pipe.close()
+        pipe.close()  # twice is harmless
+        assert wait_gone(workers) == [], "workers left after close"
+    # Re-running the cell: a second pipeline closes the first one's workers.
+    first = torch_pp.local_pipeline(path, stages=2, progress=False)
+    first_workers = [p.pid for p in psutil.Process().children()]
+    second = torch_pp.local_pipeline(path, stages=2, progress=False)
+    assert wait_gone(first_workers) == []
+    assert torch.equal(second.model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False), want)
+    torch_pp.close_all()
+    assert wait_gone([p.pid for p in psutil.Process().children()]) == []
+
+
+def test_text_iterator_streamer(tiny_models):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0")))
+    with torch_pp.local_pipeline(tiny_models["qwen2"], stages=2, progress=False) as pipe:
+        streamer = TextIteratorStreamer(tok, skip_prompt=True)
+        ids = torch.tensor([[1, 5, 9, 33]])
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("out", pipe.model.generate(
+            ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)))
+        thread.start()
+        pieces = list(streamer)
+        thread.join(timeout=60)
+    text = "".join(pieces).split()
+    assert text == [f"w{i}" for i in result["out"][0, 4:].tolist()]
+
+
+def test_killed_driver_leaves_no_workers(tiny_models):
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "driver_script.py"), str(tiny_models["llama"]), "hang"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    workers = json.loads(proc.stdout.readline())["workers"]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    assert wait_gone(workers, timeout=20) == [], "workers outlived their driver"
+
+
+def test_interrupt_leaves_the_pipeline_usable(tiny_models):
+    out = subprocess.run([sys.executable, str(WORKERS / "driver_script.py"), str(tiny_models["llama"]), "interrupt"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"interrupted": True, "usable": True}
+
+
+def test_join_workers_started_by_torchrun(tiny_models):
+    port = free_port()
+    path = tiny_models["mistral"]
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
+                          "-m", "torch_pp", "worker", "--driver", f"127.0.0.1:{port}", "--rank", str(r), "--stages", "3"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for r in (1, 2)
+    ]
+    try:
+        pipe = torch_pp.join(path, stages=3, port=port, progress=False)
+        assert [h["pid"] for h in pipe.transport.hellos.values()][0] == os.getpid()
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        ids = torch.tensor([[1, 5, 9, 33]])
+        kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert torch.equal(pipe.model.generate(ids, **kw), ref.generate(ids, **kw))
+        assert [s["rank"] for s in pipe.stats()] == [0, 1, 2]
+        pipe.close()
+        for w in workers:
+            assert w.wait(timeout=30) == 0, w.stderr.read()[-2000:]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)

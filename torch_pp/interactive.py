@@ -1,0 +1,140 @@
+"""Interactive use: the calling process (a notebook kernel, a script) is the driver, rank 0.
+
+* ``local_pipeline(model, stages=N)`` starts N-1 worker processes on this machine and
+  returns the running pipeline.
+* ``join(model, stages=N, port=P)`` waits for N-1 workers started on other machines with
+  ``torchrun --nproc-per-node 1 --standalone -m torch_pp worker --driver ADDR:P --rank R --stages N``.
+
+Workers take their options (model, plan, dtype, ...) from the driver, through the rendezvous
+store, so the command on a worker machine names only where the driver is. Closing the
+pipeline ends the workers; a new pipeline starts new ones. Only one pipeline is open per
+process (a process holds one Gloo group): opening another closes the previous one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import subprocess
+import sys
+import weakref
+
+from .pipeline import Pipeline, start
+from .transport import Transport
+
+_open: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
+_workers: dict[int, list[subprocess.Popen]] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close_previous() -> None:
+    for pipe in list(_open):
+        pipe.close()
+
+
+def _start_driver(transport: Transport, model, options: dict) -> Pipeline:
+    transport.publish("job", json.dumps({"model": None if model is None else str(model), **options}))
+    pipe = start(model, transport=transport, **options)
+    pipe._owns_transport = True
+    _open.add(pipe)
+    return pipe
+
+
+def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **options) -> Pipeline:
+    """Start an N-stage pipeline on this machine; this process becomes rank 0.
+
+    Args:
+        model: Hugging Face model folder; None for the embedded SmolLM2-135M-Instruct.
+        stages: Number of stages (this process plus ``stages - 1`` workers).
+        threads: Intra-op threads per worker process (None: torch's default).
+        **options: ``start()`` options: layers, balance, context, max_memory, device, dtype, progress.
+
+    Returns:
+        The running pipeline; ``pipeline.model.generate(...)`` as with transformers.
+    """
+    _close_previous()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "torch_pp", "worker", "--driver", f"127.0.0.1:{port}", "--rank", str(r),
+                          "--stages", str(stages), "--local-rank", str(r)], env=env, stdin=subprocess.DEVNULL)
+        for r in range(1, stages)
+    ]
+    try:
+        transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True)
+        pipe = _start_driver(transport, model, options)
+    except BaseException:
+        _kill(procs)
+        raise
+    _workers[id(pipe)] = procs
+    return pipe
+
+
+def join(model=None, *, stages: int, port: int = 29600, bind: str = "0.0.0.0", **options) -> Pipeline:
+    """Become rank 0 of a pipeline whose other stages run on other machines.
+
+    On each worker machine r (1 .. stages-1), run::
+
+        GLOO_SOCKET_IFNAME=en5 torchrun --nproc-per-node 1 --standalone \\
+            -m torch_pp worker --driver <this machine's address>:<port> --rank r --stages N
+
+    Set GLOO_SOCKET_IFNAME in this process's environment too (before calling) when the
+    machines are linked by a dedicated interface.
+
+    Args:
+        model: Model folder, at the same path on every machine; None for the default model.
+        stages: Number of stages, this process included.
+        port: Port this process listens on for the workers.
+        bind: Unused placeholder for the listening address (the store listens on all addresses).
+        **options: ``start()`` options, applied on every rank.
+    """
+    _close_previous()
+    transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True)
+    return _start_driver(transport, model, options)
+
+
+def close_all() -> None:
+    """Close every open pipeline of this process and end its local workers."""
+    _close_previous()
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def _reap(pipe: Pipeline) -> None:
+    procs = _workers.pop(id(pipe), [])
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def worker_main(*, driver: str, rank: int, stages: int, local_rank: int = 0) -> int:
+    """A worker stage: meet the driver at ``driver`` (host:port), take its options, serve until closed."""
+    addr, _, port = driver.rpartition(":")
+    transport = Transport.connect(rank=rank, world_size=stages, addr=addr, port=int(port), local_rank=local_rank)
+    job = json.loads(transport.fetch("job"))
+    model = job.pop("model")
+    try:
+        start(model, transport=transport, **job)
+    finally:
+        transport.close()
+    return 0
+
+
+atexit.register(close_all)
