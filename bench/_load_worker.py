@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -24,26 +25,36 @@ if "--hf" in sys.argv:
     sys.exit(0)
 
 import torch_pp  # noqa: E402
-from torch_pp.loading import weight_map  # noqa: E402
+from torch_pp.loading import SafetensorsReader, read_config, weight_map  # noqa: E402
+from torch_pp.plan import even_plan  # noqa: E402
 
 torch.set_num_threads(1)
-start = time.perf_counter()
-pipe = torch_pp.start(folder, progress=False, balance="even", device="cpu", dtype="float32")
-load_s = time.perf_counter() - start
-share = pipe.stage.weight_bytes
-# The plain read: the same tensors' bytes, read from the same files into one reused buffer.
-from torch_pp.loading import SafetensorsReader  # noqa: E402
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+plan = even_plan(num_layers=read_config(folder).num_hidden_layers, num_stages=world)
+start_l, end_l = plan.ranges[rank]
 
-names = {n for n, _ in pipe.stage.model.named_parameters()}
+
+def mine(key: str) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", key)
+    return start_l <= int(m.group(1)) < end_l if m else rank == 0
+
+
+# The plain read first, on both ranks at once (the same contention as the load): this rank's
+# tensors, from the same files, each into a fresh buffer that is dropped at once.
 wm = weight_map(folder)
-start = time.perf_counter()
-for fname in sorted({wm[n] for n in names if n in wm}):
+t0 = time.perf_counter()
+for fname in sorted({f for k, f in wm.items() if mine(k)}):
     with SafetensorsReader(folder / fname) as f:
         for key in f.header:
-            if key in names:
+            if mine(key):
                 f.read(key)
-read_s = time.perf_counter() - start
+read_s = time.perf_counter() - t0
+before = peak()
+t0 = time.perf_counter()
+pipe = torch_pp.start(folder, progress=False, balance="even", device="cpu", dtype="float32")
+start_s = time.perf_counter() - t0
 (out / f"load{pipe.rank}.json").write_text(json.dumps(
-    {"rank": pipe.rank, "share_bytes": share, "peak_rss_bytes": peak(), "load_s": load_s, "read_s": read_s}))
+    {"rank": pipe.rank, "share_bytes": pipe.stage.weight_bytes, "peak_rss_bytes": peak(), "peak_before_load_bytes": before,
+     "load_s": pipe.load_s, "start_s": start_s, "read_s": read_s}))
 if pipe.is_driver:
     pipe.close()

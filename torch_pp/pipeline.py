@@ -10,6 +10,7 @@ other ranks it serves the stage and returns once rank 0 closes the pipeline.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class Pipeline:
     dtype: torch.dtype
     stage: LoadedStage
     driver: Driver | None = None
+    load_s: float = 0.0  # seconds this rank spent reading its weights
     _owns_transport: bool = False
     _closed: bool = False
 
@@ -189,18 +191,22 @@ def start(
             "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": FRAME_BYTES,
         })
         transport.describe(layers=plan.ranges[transport.rank])
+        load_start = time.perf_counter()
         stage = agree(
             transport,
-            lambda: load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),
+            lambda: (load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),
+                     time.perf_counter() - load_start),
             what="load the model",
         )
+        stage, load_s = stage
     except BaseException:
         if owns:
             transport.close()
         raise
     pipe = Pipeline(
         model=stage.model if transport.rank == 0 else None,
-        model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, _owns_transport=owns,
+        model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, load_s=load_s,
+        _owns_transport=owns,
     )
     if transport.rank == 0:
         if stage.span is not None:
