@@ -18,6 +18,7 @@ import torch
 
 from .default_model import ensure_default_model
 from .devices import dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
+from . import prefill
 from .generate import guard_generate
 from . import __version__
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
@@ -74,12 +75,20 @@ class Pipeline:
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
 
-    def stats(self) -> list[dict]:
-        """Every stage's figures, in rank order (rank 0 only)."""
+    def stats(self, *, spans_since: float | None = None) -> list[dict]:
+        """Every stage's figures, in rank order (rank 0 only).
+
+        Args:
+            spans_since: Also return each stage's timing spans that end after this
+                ``torch_pp.trace.now()`` time (see ``torch_pp.perf``).
+        """
         if not self.is_driver:
             raise RuntimeError("stats() is for rank 0")
-        remote = self.driver.collect_stats() if self.driver else []
-        return [self.describe(), *remote]
+        remote = self.driver.collect_stats(spans_since=spans_since) if self.driver else []
+        mine = self.describe()
+        if spans_since is not None:
+            mine["spans"] = self.driver.tracer.since(spans_since) if self.driver else []
+        return [mine, *remote]
 
     def tokenizer(self):
         """The model folder's tokenizer."""
@@ -116,6 +125,7 @@ def start(
     context: int = 4096,
     batch: int = 1,
     max_memory: int | None = None,
+    prefill_chunk: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
@@ -131,6 +141,8 @@ def start(
             embedding and head and the KV cache) or ``"even"`` (equal layer counts).
         context: Tokens per sequence the KV cache is sized for when placing and checking the fit.
         batch: Sequences the KV cache is sized for.
+        prefill_chunk: Tokens per chunk of a pipelined prefill (None: about four chunks per
+            stage; 0: no chunking). Changeable later as ``pipeline.model.prefill_chunk``.
         max_memory: Bytes this rank may use; default: what the device reports (shared equally by
             the ranks on one machine or GPU).
         device: ``mps``, ``cuda`` or ``cpu``; default: the best available.
@@ -212,6 +224,9 @@ def start(
         if stage.span is not None:
             pipe.driver = Driver(transport, device=dev)
             stage.span.runner = pipe.driver.run_remote
+            stage.model.register_forward_pre_hook(lambda *_: pipe.driver.mark_busy())
+            stage.model.register_forward_hook(lambda *_: pipe.driver.mark_idle())
+            prefill.install(stage.model, stage.span, stages=plan.num_stages, chunk=prefill_chunk)
         guard_generate(stage.model)
         return pipe
     try:

@@ -18,6 +18,7 @@ import torch
 
 from . import activations
 from .stage import StageRunner
+from .trace import Tracer, now
 from .transport import Transport
 from .wire import Message, Op
 
@@ -94,15 +95,48 @@ class Driver:
         self.device = device
         self.remote_s = 0.0  # wall time waiting for the other stages (their compute + the wire)
         self.calls = 0
+        self.tracer = Tracer()
+        self._busy_since: float | None = None  # start of rank 0's current compute stretch
+
+    def mark_busy(self) -> None:
+        """A forward pass starts on rank 0: compute until the next remote call."""
+        self._busy_since = now()
+
+    def mark_idle(self) -> None:
+        """A forward pass ended on rank 0."""
+        if self._busy_since is not None:
+            self.tracer.add("compute", self._busy_since, now())
+            self._busy_since = None
 
     @property
     def last_rank(self) -> int:
         return self.transport.world_size - 1
 
-    def run_remote(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool) -> torch.Tensor:
-        """Send activations round the ring; return the final hidden state [B, S, H] on rank 0's device."""
+    def run_remote(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
+                   reply: bool = True, keep: int = 0) -> torch.Tensor:
+        """Send activations round the ring; return the final hidden state on rank 0's device.
+
+        Args:
+            hidden: [B, S, H] output of rank 0's layers.
+            layer_kwargs: Each remote layer's arguments.
+            past_len: Tokens already in the stages' caches.
+            use_cache: Whether the stages keep this step in their caches.
+            reply: False for a pipelined prefill's non-final chunk: send and return at once
+                (``hidden`` comes back as a stand-in), so rank 0 can start the next chunk.
+            keep: Return only the last ``keep`` positions, [B, keep, H] (0: all S).
+        """
         start = time.perf_counter()
+        if self._busy_since is not None:
+            self.tracer.add("compute", self._busy_since, now())
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
+        meta.update(reply=reply, keep=keep)
+        if not reply:
+            t0 = now()
+            self.transport.send(Message(Op.FORWARD, meta, tensors), dst=1)
+            self.tracer.add("send", t0, now())
+            if self._busy_since is not None:
+                self._busy_since = now()
+            return hidden
         reply = self._exchange(Message(Op.FORWARD, meta, tensors))
         if reply.op == Op.ERROR:
             raise PipelineError(reply.meta["error"])
@@ -111,6 +145,8 @@ class Driver:
         out = reply.tensors[0].to(self.device)
         self.remote_s += time.perf_counter() - start
         self.calls += 1
+        if self._busy_since is not None:
+            self._busy_since = now()
         return out
 
     def _exchange(self, message: Message) -> Message:
@@ -120,7 +156,9 @@ class Driver:
         back until the reply is in, so the ring never keeps a stale message and the pipeline
         stays usable; the interrupt is then raised.
         """
+        t0 = now()
         self.transport.send(message, dst=1)
+        t1 = now()
         interrupted = False
         while True:
             try:
@@ -128,13 +166,15 @@ class Driver:
                 break
             except KeyboardInterrupt:
                 interrupted = True
+        self.tracer.add("send", t0, t1)
+        self.tracer.add("wait", t1, now())
         if interrupted:
             raise KeyboardInterrupt
         return reply
 
-    def collect_stats(self) -> list[dict]:
-        """Each remote stage's figures (see ``serve``), in rank order."""
-        reply = self._exchange(Message(Op.STATS, {"stages": []}))
+    def collect_stats(self, *, spans_since: float | None = None) -> list[dict]:
+        """Each remote stage's figures (see ``serve``), in rank order; with their spans if asked."""
+        reply = self._exchange(Message(Op.STATS, {"stages": [], "spans_since": spans_since}))
         if reply.op != Op.STATS:
             raise PipelineError(f"expected STATS back, got {reply.op.name}")
         return reply.meta["stages"]
@@ -159,8 +199,12 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
     is_last = nxt == 0
     first, last = min(runner.layers), max(runner.layers) + 1
     busy = {"compute_s": 0.0, "forwards": 0}
+    tracer = Tracer()
     while True:
+        t_wait = now()
         msg = transport.recv(src=prev)
+        t_got = now()
+        tracer.add("wait", t_wait, t_got)
         if msg.op == Op.FORWARD:
             start = time.perf_counter()
             try:
@@ -173,13 +217,21 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
                 continue
             busy["compute_s"] += time.perf_counter() - start
             busy["forwards"] += 1
+            t_done = now()
+            tracer.add("compute", t_got, t_done)
             if is_last:
-                transport.send(Message(Op.RESULT, {}, [out]), dst=0)
+                if msg.meta.get("reply", True):  # a streamed prefill chunk needs no answer
+                    keep = msg.meta.get("keep", 0)
+                    transport.send(Message(Op.RESULT, {}, [out[:, -keep:] if keep else out]), dst=0)
             else:
                 msg.tensors[0] = out
                 transport.send(msg, dst=nxt)
+            tracer.add("send", t_done, now())
         elif msg.op == Op.STATS:
-            msg.meta["stages"].append({**describe(), **busy})
+            figures = {**describe(), **busy}
+            if msg.meta.get("spans_since") is not None:
+                figures["spans"] = tracer.since(msg.meta["spans_since"])
+            msg.meta["stages"].append(figures)
             transport.send(msg, dst=nxt)
         elif msg.op == Op.ERROR:
             transport.send(msg, dst=nxt)

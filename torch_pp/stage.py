@@ -49,6 +49,8 @@ class RemoteSpan:
     def __init__(self, layer_indices: range) -> None:
         self.layer_indices = layer_indices
         self.runner: Runner | None = None
+        self.reply = True  # False while a pipelined prefill streams its non-final chunks
+        self.keep = 0  # last positions whose hidden state rank 0 needs back (0: all)
         self._pending: dict[int, dict] = {}
         self._past_len = 0
         self._sentinels: set[int] = set()
@@ -79,7 +81,7 @@ class RemoteSpan:
         if self.runner is None:
             raise StageError("the pipeline is closed: start it again before running the model")
         pending, self._pending = self._pending, {}
-        return self.runner(hidden, pending, past_len=self._past_len, use_cache=use_cache)
+        return self.runner(hidden, pending, past_len=self._past_len, use_cache=use_cache, reply=self.reply, keep=self.keep)
 
 
 def _sentinel_layers(cache: DynamicCache, remote: range) -> set[int]:
