@@ -40,14 +40,37 @@ def check_generation_mode(model, kwargs: dict) -> None:
         )
 
 
-def guard_generate(model) -> None:
-    """Make ``model.generate`` refuse unsupported modes with a clear error."""
+def guard_generate(model, *, lanes=None) -> None:
+    """Make ``model.generate`` refuse unsupported modes with a clear error, and accept ``lanes=``.
+
+    Args:
+        model: Rank 0's model.
+        lanes: The pipeline's ``torch_pp.lanes.Lanes`` (None with a single stage). ``generate(...,
+            lanes=L)`` then splits the batch into L concurrently running sub-batches; by default a
+            greedy batch of at least as many sequences as stages runs one lane per stage.
+    """
     original = model.generate
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
+        count = kwargs.pop("lanes", None)
         check_generation_mode(model, kwargs)
-        return original(*args, **kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        ids = kwargs.get("input_ids")
+        if lanes is None or ids is None or args:
+            return original(*args, **kwargs)
+        if count is None:
+            count = lanes.default_count(ids.shape[0], kwargs)
+        count = max(1, min(int(count), ids.shape[0]))
+        if count == 1:
+            return original(**kwargs)
+        config = kwargs.get("generation_config") or model.generation_config
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        if pad is None:
+            eos = kwargs.get("eos_token_id", config.eos_token_id)
+            pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
+        return lanes.generate(original, lanes=count, pad_with=pad, **kwargs)
 
     model.generate = generate
 

@@ -20,6 +20,7 @@ from .default_model import ensure_default_model
 from .devices import dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
 from . import prefill
 from .generate import guard_generate
+from .lanes import Lanes
 from . import __version__
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
 from .plan import PlanError, StagePlan, even_plan, parse_layers
@@ -227,7 +228,7 @@ def start(
             stage.model.register_forward_pre_hook(lambda *_: pipe.driver.mark_busy())
             stage.model.register_forward_hook(lambda *_: pipe.driver.mark_idle())
             prefill.install(stage.model, stage.span, stages=plan.num_stages, chunk=prefill_chunk)
-        guard_generate(stage.model)
+        guard_generate(stage.model, lanes=Lanes(stage.span, pipe.driver, stages=plan.num_stages) if pipe.driver else None)
         return pipe
     try:
         serve(transport, stage.runner, device=dev, describe=pipe.describe)

@@ -10,6 +10,7 @@ raised there, while every stage stays ready for the next request or SHUTDOWN.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from typing import Callable
@@ -88,7 +89,14 @@ def agree_on(transport: Transport, facts: dict[str, object]) -> None:
 
 
 class Driver:
-    """Rank 0's side of the ring: runs the remote layers and controls the session."""
+    """Rank 0's side of the ring: runs the remote layers and controls the session.
+
+    Several lanes may call ``run_remote`` at once from their own threads: sends are
+    serialised, and replies (which come back in the order the requests went out, since
+    every stage works first in, first out) are routed to the thread whose lane they carry.
+    """
+
+    CONTROL = -1  # the "lane" of STATS and SHUTDOWN
 
     def __init__(self, transport: Transport, *, device: torch.device) -> None:
         self.transport = transport
@@ -96,92 +104,132 @@ class Driver:
         self.remote_s = 0.0  # wall time waiting for the other stages (their compute + the wire)
         self.calls = 0
         self.tracer = Tracer()
-        self._busy_since: float | None = None  # start of rank 0's current compute stretch
+        self._local = threading.local()  # per thread: start of rank 0's current compute stretch
+        self._send_lock = threading.Lock()
+        self._recv = threading.Condition()
+        self._receiving = False
+        self._stash: dict[int, Message] = {}  # replies that arrived for another lane's thread
 
     def mark_busy(self) -> None:
         """A forward pass starts on rank 0: compute until the next remote call."""
-        self._busy_since = now()
+        self._local.busy_since = now()
 
     def mark_idle(self) -> None:
         """A forward pass ended on rank 0."""
-        if self._busy_since is not None:
-            self.tracer.add("compute", self._busy_since, now())
-            self._busy_since = None
+        since = getattr(self._local, "busy_since", None)
+        if since is not None:
+            self.tracer.add("compute", since, now())
+            self._local.busy_since = None
+
+    def _pause_busy(self) -> bool:
+        since = getattr(self._local, "busy_since", None)
+        if since is not None:
+            self.tracer.add("compute", since, now())
+        return since is not None
 
     @property
     def last_rank(self) -> int:
         return self.transport.world_size - 1
 
     def run_remote(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
-                   reply: bool = True, keep: int = 0) -> torch.Tensor:
+                   reply: bool = True, keep: int = 0, lane: int = 0) -> torch.Tensor:
         """Send activations round the ring; return the final hidden state on rank 0's device.
 
         Args:
             hidden: [B, S, H] output of rank 0's layers.
             layer_kwargs: Each remote layer's arguments.
-            past_len: Tokens already in the stages' caches.
+            past_len: Tokens already in this lane's caches on the stages.
             use_cache: Whether the stages keep this step in their caches.
             reply: False for a pipelined prefill's non-final chunk: send and return at once
                 (``hidden`` comes back as a stand-in), so rank 0 can start the next chunk.
             keep: Return only the last ``keep`` positions, [B, keep, H] (0: all S).
+            lane: Which KV cache the stages use (see ``torch_pp.lanes``).
         """
         start = time.perf_counter()
-        if self._busy_since is not None:
-            self.tracer.add("compute", self._busy_since, now())
+        busy = self._pause_busy()
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
-        meta.update(reply=reply, keep=keep)
+        meta.update(reply=reply, keep=keep, lane=lane)
         if not reply:
-            t0 = now()
-            self.transport.send(Message(Op.FORWARD, meta, tensors), dst=1)
-            self.tracer.add("send", t0, now())
-            if self._busy_since is not None:
-                self._busy_since = now()
+            self._send(Message(Op.FORWARD, meta, tensors))
+            if busy:
+                self._local.busy_since = now()
             return hidden
-        reply = self._exchange(Message(Op.FORWARD, meta, tensors))
-        if reply.op == Op.ERROR:
-            raise PipelineError(reply.meta["error"])
-        if reply.op != Op.RESULT:
-            raise PipelineError(f"rank 0 expected RESULT from rank {self.last_rank}, got {reply.op.name}")
-        out = reply.tensors[0].to(self.device)
+        answer = self._exchange(Message(Op.FORWARD, meta, tensors), lane=lane)
+        if answer.op == Op.ERROR:
+            raise PipelineError(answer.meta["error"])
+        if answer.op != Op.RESULT:
+            raise PipelineError(f"rank 0 expected RESULT from rank {self.last_rank}, got {answer.op.name}")
+        out = answer.tensors[0].to(self.device)
         self.remote_s += time.perf_counter() - start
         self.calls += 1
-        if self._busy_since is not None:
-            self._busy_since = now()
+        if busy:
+            self._local.busy_since = now()
         return out
 
-    def _exchange(self, message: Message) -> Message:
-        """Send round the ring and take the reply, even if interrupted in between.
+    def free_lane(self, lane: int) -> None:
+        """Tell every stage to drop ``lane``'s KV cache (no answer is awaited)."""
+        self._send(Message(Op.FREE, {"lane": lane}))
+
+    def _send(self, message: Message) -> None:
+        t0 = now()
+        with self._send_lock:
+            self.transport.send(message, dst=1)
+        self.tracer.add("send", t0, now())
+
+    def _exchange(self, message: Message, *, lane: int) -> Message:
+        """Send round the ring and take the reply for ``lane``, even if interrupted in between.
 
         A KeyboardInterrupt (a notebook's interrupt button) that lands after the send is held
         back until the reply is in, so the ring never keeps a stale message and the pipeline
         stays usable; the interrupt is then raised.
         """
-        t0 = now()
-        self.transport.send(message, dst=1)
+        self._send(message)
         t1 = now()
         interrupted = False
         while True:
             try:
-                reply = self.transport.recv(src=self.last_rank)
+                reply = self._await(lane)
                 break
             except KeyboardInterrupt:
                 interrupted = True
-        self.tracer.add("send", t0, t1)
         self.tracer.add("wait", t1, now())
         if interrupted:
             raise KeyboardInterrupt
         return reply
 
+    def _await(self, lane: int) -> Message:
+        with self._recv:
+            while True:
+                if lane in self._stash:
+                    return self._stash.pop(lane)
+                if not self._receiving:
+                    break
+                self._recv.wait()
+            self._receiving = True
+        try:
+            while True:  # this thread receives for everyone until its own reply arrives
+                msg = self.transport.recv(src=self.last_rank)
+                owner = msg.meta.get("lane", self.CONTROL) if msg.op in (Op.RESULT, Op.ERROR) else self.CONTROL
+                if owner == lane:
+                    return msg
+                with self._recv:
+                    self._stash[owner] = msg
+                    self._recv.notify_all()
+        finally:
+            with self._recv:
+                self._receiving = False
+                self._recv.notify_all()
+
     def collect_stats(self, *, spans_since: float | None = None) -> list[dict]:
         """Each remote stage's figures (see ``serve``), in rank order; with their spans if asked."""
-        reply = self._exchange(Message(Op.STATS, {"stages": [], "spans_since": spans_since}))
+        reply = self._exchange(Message(Op.STATS, {"stages": [], "spans_since": spans_since}), lane=self.CONTROL)
         if reply.op != Op.STATS:
             raise PipelineError(f"expected STATS back, got {reply.op.name}")
         return reply.meta["stages"]
 
     def shutdown(self) -> None:
         """End the session on every stage; returns once the message has gone round the ring."""
-        reply = self._exchange(Message(Op.SHUTDOWN))
+        reply = self._exchange(Message(Op.SHUTDOWN), lane=self.CONTROL)
         if reply.op != Op.SHUTDOWN:
             raise PipelineError(f"expected SHUTDOWN back, got {reply.op.name}")
 
@@ -209,11 +257,12 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
             start = time.perf_counter()
             try:
                 hidden, layer_kwargs, past_len, use_cache = activations.decode(msg.meta, msg.tensors, device=device)
-                out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
+                lane = msg.meta.get("lane", 0)
+                out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane)
             except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
                 log.debug("rank %d failed:\n%s", rank, traceback.format_exc())
                 error = f"stage {rank} on {transport.host} (layers {first}:{last}) failed: {exc}"
-                transport.send(Message(Op.ERROR, {"error": error}), dst=nxt)
+                transport.send(Message(Op.ERROR, {"error": error, "lane": msg.meta.get("lane", 0)}), dst=nxt)
                 continue
             busy["compute_s"] += time.perf_counter() - start
             busy["forwards"] += 1
@@ -222,7 +271,7 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
             if is_last:
                 if msg.meta.get("reply", True):  # a streamed prefill chunk needs no answer
                     keep = msg.meta.get("keep", 0)
-                    transport.send(Message(Op.RESULT, {}, [out[:, -keep:] if keep else out]), dst=0)
+                    transport.send(Message(Op.RESULT, {"lane": lane}, [out[:, -keep:] if keep else out]), dst=0)
             else:
                 msg.tensors[0] = out
                 transport.send(msg, dst=nxt)
@@ -235,6 +284,10 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
             transport.send(msg, dst=nxt)
         elif msg.op == Op.ERROR:
             transport.send(msg, dst=nxt)
+        elif msg.op == Op.FREE:
+            runner.free(msg.meta["lane"])
+            if not is_last:
+                transport.send(msg, dst=nxt)
         elif msg.op == Op.SHUTDOWN:
             runner.reset()
             transport.send(msg, dst=nxt)

@@ -14,6 +14,7 @@ arguments shipped from rank 0. Nothing here imports torch.distributed.
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Callable
 
 import torch
@@ -49,39 +50,70 @@ class RemoteSpan:
     def __init__(self, layer_indices: range) -> None:
         self.layer_indices = layer_indices
         self.runner: Runner | None = None
-        self.reply = True  # False while a pipelined prefill streams its non-final chunks
-        self.keep = 0  # last positions whose hidden state rank 0 needs back (0: all)
-        self._pending: dict[int, dict] = {}
-        self._past_len = 0
-        self._sentinels: set[int] = set()
+        # Per thread: several lanes may run forwards at once, each in its own thread.
+        self._local = threading.local()
+
+    def _state(self):
+        st = self._local
+        if not hasattr(st, "pending"):
+            st.pending, st.past_len, st.sentinels = {}, 0, set()
+            st.reply = True  # False while a pipelined prefill streams its non-final chunks
+            st.keep = 0  # last positions whose hidden state rank 0 needs back (0: all)
+            st.lane = 0  # which KV cache on the stages (see torch_pp.lanes)
+        return st
+
+    @property
+    def reply(self) -> bool:
+        return self._state().reply
+
+    @reply.setter
+    def reply(self, value: bool) -> None:
+        self._state().reply = value
+
+    @property
+    def keep(self) -> int:
+        return self._state().keep
+
+    @keep.setter
+    def keep(self, value: int) -> None:
+        self._state().keep = value
+
+    @property
+    def lane(self) -> int:
+        return self._state().lane
+
+    @lane.setter
+    def lane(self, value: int) -> None:
+        self._state().lane = value
 
     def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         use_cache = bool(kwargs.get("use_cache")) and cache is not None
+        st = self._state()
         if layer_idx == self.layer_indices.start:
-            self._pending = {}
-            self._past_len = cache.get_seq_length(layer_idx) if use_cache else 0
-            self._sentinels = _sentinel_layers(cache, self.layer_indices) if use_cache else set()
+            st.pending = {}
+            st.past_len = cache.get_seq_length(layer_idx) if use_cache else 0
+            st.sentinels = _sentinel_layers(cache, self.layer_indices) if use_cache else set()
         if use_cache:
             if not isinstance(cache, DynamicCache):
                 raise StageError(
                     f"torch_pp supports only a dynamic KV cache, got {type(cache).__name__}; "
                     "leave cache_implementation unset"
                 )
-            if layer_idx in self._sentinels:
+            if layer_idx in st.sentinels:
                 # The real keys and values live on the owning stage. Rank 0 keeps a one-wide
                 # stand-in (zero-wide would count as empty) in the layers whose lengths HF
                 # reads to size masks, so those stay right.
                 batch, q_len = hidden.shape[0], hidden.shape[1]
                 stand_in = hidden.new_zeros(batch, 1, q_len, 1)
                 cache.update(stand_in, stand_in, layer_idx)
-        self._pending[layer_idx] = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+        st.pending[layer_idx] = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         if layer_idx != self.layer_indices.stop - 1:
             return hidden
         if self.runner is None:
             raise StageError("the pipeline is closed: start it again before running the model")
-        pending, self._pending = self._pending, {}
-        return self.runner(hidden, pending, past_len=self._past_len, use_cache=use_cache, reply=self.reply, keep=self.keep)
+        pending, st.pending = st.pending, {}
+        return self.runner(hidden, pending, past_len=st.past_len, use_cache=use_cache, reply=st.reply, keep=st.keep, lane=st.lane)
 
 
 def _sentinel_layers(cache: DynamicCache, remote: range) -> set[int]:
@@ -123,21 +155,22 @@ class StageRunner:
         self.layers = layers
         self.config = config
         self.cache_kw = cache_keyword(next(iter(layers.values())))
-        self.cache: DynamicCache | None = None
-        self.seen = 0  # tokens in self.cache
+        self.caches: dict[int, tuple[DynamicCache, int]] = {}  # lane -> (KV cache, tokens in it)
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool) -> torch.Tensor:
-        """Run every owned layer on ``hidden`` [B, S, H]; returns the new hidden state [B, S, H]."""
+    def forward(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
+                lane: int = 0) -> torch.Tensor:
+        """Run every owned layer on ``hidden`` [B, S, H] with ``lane``'s cache; returns [B, S, H]."""
+        cache = None
         if use_cache:
             if past_len == 0:
-                self.cache, self.seen = DynamicCache(config=self.config), 0
-            elif self.cache is None or self.seen != past_len:
+                self.caches[lane] = (DynamicCache(config=self.config), 0)
+            cache, seen = self.caches.get(lane, (None, -1))
+            if cache is None or seen != past_len:
                 raise StageError(
-                    f"KV cache out of step: this stage holds {self.seen} tokens, rank 0 expects {past_len}. "
+                    f"KV cache of lane {lane} out of step: this stage holds {max(seen, 0)} tokens, rank 0 expects {past_len}. "
                     "Beam search, assisted decoding and cache cropping are not supported"
                 )
-        cache = self.cache if use_cache else None
         for idx, layer in self.layers.items():
             kwargs = dict(layer_kwargs[idx])
             kwargs[self.cache_kw] = cache
@@ -145,9 +178,13 @@ class StageRunner:
             if isinstance(hidden, tuple):  # older layer classes return (hidden, ...)
                 hidden = hidden[0]
         if use_cache:
-            self.seen = past_len + hidden.shape[1]
+            self.caches[lane] = (cache, past_len + hidden.shape[1])
         return hidden
 
+    def free(self, lane: int) -> None:
+        """Drop one lane's KV cache (its sequence is finished)."""
+        self.caches.pop(lane, None)
+
     def reset(self) -> None:
-        """Drop the KV cache (a new sequence or a closed session)."""
-        self.cache, self.seen = None, 0
+        """Drop every KV cache (a closed session)."""
+        self.caches.clear()

@@ -1,0 +1,87 @@
+"""Sequence lanes: several sequences in flight at once, so every stage has work.
+
+In a plain pipeline only one stage works at a time. A lane is a sequence (or sub-batch)
+with its own KV cache on every stage; while stage 1 works on lane A's step, stage 0 works
+on lane B's. Each lane runs transformers' own ``generate()`` in its own thread on rank 0;
+the driver routes each stage reply to the lane that asked (see ``runtime.Driver``).
+
+Lanes are the mechanism a server will use for concurrent requests: ``lane()`` gives a
+thread its own lane for as long as it needs, and other lanes keep running meanwhile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from contextlib import contextmanager
+
+import torch
+
+from .runtime import Driver
+from .stage import RemoteSpan
+
+
+class Lanes:
+    """Lane bookkeeping for one pipeline (rank 0)."""
+
+    def __init__(self, span: RemoteSpan, driver: Driver, *, stages: int) -> None:
+        self.span = span
+        self.driver = driver
+        self.stages = stages
+        self._ids = itertools.count(1)  # lane 0 is the default lane of plain calls
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lane(self):
+        """Run this thread's forwards in a fresh lane; its caches are freed on exit."""
+        with self._lock:
+            lane_id = next(self._ids)
+        previous = self.span.lane
+        self.span.lane = lane_id
+        try:
+            yield lane_id
+        finally:
+            self.span.lane = previous
+            self.driver.free_lane(lane_id)
+
+    def default_count(self, batch: int, kwargs: dict) -> int:
+        """Lanes for a generate() call when none are asked for: one per stage for a greedy
+        batch of at least that many sequences (sampling stays in one lane so that a seed
+        gives transformers' exact tokens)."""
+        if self.stages < 2 or batch < self.stages or kwargs.get("do_sample") or kwargs.get("streamer") is not None:
+            return 1
+        if kwargs.get("return_dict_in_generate") or kwargs.get("num_return_sequences", 1) != 1:
+            return 1
+        gen_config = kwargs.get("generation_config")
+        if gen_config is not None and (gen_config.do_sample or gen_config.return_dict_in_generate):
+            return 1
+        return self.stages
+
+    def generate(self, generate, *, lanes: int, pad_with: int, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Split the batch into ``lanes`` sub-batches, generate them concurrently, merge as transformers would.
+
+        Sub-batches that finish early are right-padded with ``pad_with``, as transformers pads
+        the finished sequences of one batch.
+        """
+        parts = [p for p in torch.tensor_split(torch.arange(input_ids.shape[0]), lanes) if len(p)]
+        results: list[torch.Tensor | None] = [None] * len(parts)
+        errors: list[BaseException] = []
+
+        def run(j: int, rows: torch.Tensor) -> None:
+            sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == input_ids.shape[:1] else v) for k, v in kwargs.items()}
+            try:
+                with self.lane():
+                    results[j] = generate(input_ids=input_ids[rows], **sub)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(j, rows), name=f"torch_pp-lane-{j}") for j, rows in enumerate(parts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        width = max(r.shape[1] for r in results)
+        padded = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_with) for r in results]
+        return torch.cat(padded, dim=0)
