@@ -13,9 +13,18 @@ from _common import median_of, timed_generate  # noqa: E402
 
 model_dir, prompt, new_tokens, reps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(1)
-tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-inputs = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+DEVICE, DTYPE = os.environ.get("BENCH_DEVICE", "cpu"), os.environ.get("BENCH_DTYPE", "float32")
+
+
+def make_inputs(tok, prompt):
+    if tok is None:  # a random-weight model folder without a tokenizer: a fixed 32-token prompt
+        ids = torch.arange(100, 132).unsqueeze(0)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+tok = AutoTokenizer.from_pretrained(model_dir) if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else None
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPE)).to(DEVICE).eval()
+inputs = {k: v.to(DEVICE) for k, v in make_inputs(tok, prompt).items()}
 timed_generate(model, inputs, new_tokens=4)
 runs = [timed_generate(model, inputs, new_tokens=new_tokens) for _ in range(reps)]
 with open(out, "w") as f:
@@ -23,5 +32,6 @@ with open(out, "w") as f:
         "ttft_s": median_of(runs, "ttft_s"),
         "decode_tokens_per_s": median_of(runs, "decode_tokens_per_s"),
         "tokens": runs[-1]["tokens"],
-        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if DEVICE.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }, f)

@@ -32,6 +32,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_random_like_default(path: Path) -> str:
+    """A random-weight Llama with SmolLM2-135M's shape (weights do not change the timing)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (path / "config.json").is_file():
+        config = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                                      rope_theta=100000.0, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2)")
@@ -39,12 +53,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--json", help="also write the JSON result here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both stages share the one device)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--random-like-default", metavar="DIR",
+                    help="use a random-weight model shaped like SmolLM2-135M, written to DIR (for machines without the package)")
     args = ap.parse_args()
 
     from torch_pp.default_model import ensure_default_model
 
-    model_dir = args.model or str(ensure_default_model())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.random_like_default:
+        model_dir = write_random_like_default(Path(args.random_like_default))
+    else:
+        model_dir = args.model or str(ensure_default_model())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_DEVICE": args.device, "BENCH_DTYPE": args.dtype}
     with tempfile.TemporaryDirectory() as tmp:
         hf_out, pp_out = os.path.join(tmp, "hf.json"), os.path.join(tmp, "pp.json")
         common = [model_dir, PROMPT, str(args.new_tokens), str(args.reps)]
@@ -58,6 +79,7 @@ def main() -> None:
 
     result = {
         "model": model_dir, "new_tokens": args.new_tokens, "stages": args.stages, "threads_per_process": 1,
+        "device": args.device, "dtype": args.dtype,
         "baseline_hf": {k: hf[k] for k in ("decode_tokens_per_s", "ttft_s", "peak_memory_bytes")},
         "pipeline": {
             "decode_tokens_per_s": pp["decode_tokens_per_s"], "ttft_s": pp["ttft_s"],

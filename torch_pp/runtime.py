@@ -9,7 +9,9 @@ raised there, while every stage stays ready for the next request or SHUTDOWN.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
 import traceback
@@ -86,6 +88,37 @@ def agree_on(transport: Transport, facts: dict[str, object]) -> None:
     if problems:
         raise StartupError("the ranks are not set up alike:\n  " + "\n  ".join(problems) +
                            "\n  Use the same model folder, torch_pp version and options on every machine")
+
+
+class _Held:
+    count = 0
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold SIGINT back (count it) while a request and its reply are in flight.
+
+    Python raises KeyboardInterrupt between any two bytecodes, which could drop a message
+    already taken off the wire; holding it keeps the ring consistent. Main thread only
+    (other threads never receive KeyboardInterrupt).
+    """
+    held = _Held()
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def note(signum, frame):
+        held.count += 1
+
+    try:
+        previous = signal.signal(signal.SIGINT, note)
+    except ValueError:  # not allowed here (e.g. an embedded interpreter)
+        yield held
+        return
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Driver:
@@ -183,17 +216,12 @@ class Driver:
         back until the reply is in, so the ring never keeps a stale message and the pipeline
         stays usable; the interrupt is then raised.
         """
-        self._send(message)
-        t1 = now()
-        interrupted = False
-        while True:
-            try:
-                reply = self._await(lane)
-                break
-            except KeyboardInterrupt:
-                interrupted = True
-        self.tracer.add("wait", t1, now())
-        if interrupted:
+        with _interrupts_held() as held:
+            self._send(message)
+            t1 = now()
+            reply = self._await(lane)
+            self.tracer.add("wait", t1, now())
+        if held.count:
             raise KeyboardInterrupt
         return reply
 

@@ -39,15 +39,18 @@ class StopAfter(StoppingCriteria):
         self.n, self.prompt_len = n, prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.prompt_len + self.n, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.prompt_len + self.n, dtype=torch.bool, device=input_ids.device)
+
+
+DEVICE = os.environ.get("TEST_DEVICE")  # e.g. cuda on a GPU machine; default: the pipeline's choice (cpu here)
 
 
 def check(name, path, pipe):
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(pipe.device).eval()
     model = pipe.model
     r = {}
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 250, (1, 12), generator=g)
+    ids = torch.randint(3, 250, (1, 12), generator=g).to(pipe.device)
     with torch.no_grad():
         a, b = ref(ids).logits[:, -1], model(ids).logits[:, -1]
     r["logits_max_diff"] = (a - b).abs().max().item()
@@ -64,6 +67,7 @@ def check(name, path, pipe):
     for i, n in enumerate(lens):  # left padding, pad id 0
         batch[i, 9 - n:] = torch.randint(3, 250, (n,), generator=g)
         mask[i, 9 - n:] = 1
+    batch, mask = batch.to(pipe.device), mask.to(pipe.device)
     kw = dict(attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     want, got = ref.generate(batch, **kw), model.generate(batch, **kw)
     r["batch_equal"] = torch.equal(want, got)
@@ -104,7 +108,7 @@ def check(name, path, pipe):
 
 for path in models:
     name = os.path.basename(path)
-    pipe = torch_pp.start(path, transport=transport, progress=False)
+    pipe = torch_pp.start(path, transport=transport, progress=False, device=DEVICE, dtype="float32")
     params[name] = {
         "layers": list(pipe.plan.ranges[rank]),
         "params": sorted(n for n, _ in pipe.stage.model.named_parameters()),
