@@ -18,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import ARCHS, write_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests compare with transformers on the CPU: keep every pipeline there, on GPU machines too
+# (tests that want an accelerator pass a device explicitly).
+os.environ.setdefault("TORCH_PP_DEVICE", "cpu")
 WORKERS = Path(__file__).parent / "workers"
 
 

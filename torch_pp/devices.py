@@ -7,6 +7,7 @@ only decides where the math runs.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -24,12 +25,15 @@ def pick_device(requested: str | None = None, *, local_rank: int = 0) -> torch.d
     """Return the device a stage runs on.
 
     Args:
-        requested: ``"mps"``, ``"cuda"``, ``"cuda:1"``, ``"cpu"``, or None for the best available.
+        requested: ``"mps"``, ``"cuda"``, ``"cuda:1"``, ``"cpu"``, or None for ``$TORCH_PP_DEVICE``
+            if set, else the best available.
         local_rank: This process's rank on its machine; picks the CUDA card when several exist.
 
     Raises:
         DeviceError: if the requested device is not available here.
     """
+    if requested in (None, "", "auto"):
+        requested = os.environ.get("TORCH_PP_DEVICE") or None
     if requested in (None, "", "auto"):
         if torch.backends.mps.is_available():
             return torch.device("mps")
