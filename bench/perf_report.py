@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--layers", help="manual plan, e.g. 0:11,11:30 (default: by memory)")
     args = ap.parse_args()
-    pipe = torch_pp.start(args.model, progress=False)
+    pipe = torch_pp.start(args.model, progress=False, layers=args.layers)
     if not pipe.is_driver:
         return
     out = Path(args.out)
@@ -81,6 +82,24 @@ def main() -> None:
     perf.write_trace(stages, str(out / "trace.json"), start=t0)
     perf.plot_timeline(stages, str(out / "timeline.png"), start=t0, end=t1,
                        title=f"{pipe.plan.num_stages}-stage decode of {args.new_tokens} tokens")
+    # Lanes: L sequences, one lane each, against the single stream above.
+    lanes = pipe.plan.num_stages
+    texts = [f"Tell me something about topic number {i}." for i in range(lanes)]
+    batch = tok.apply_chat_template([[{"role": "user", "content": t}] for t in texts], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True, padding=True)
+    model.generate(**batch, max_new_tokens=4, lanes=lanes)  # warm-up
+    t2 = now()
+    start = time.perf_counter()
+    model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, lanes=lanes)
+    lanes_s = time.perf_counter() - start
+    t3 = now()
+    lane_stages = pipe.stats(spans_since=t2)
+    result["lanes"] = lanes
+    result["lanes_aggregate_tokens_per_s"] = lanes * args.new_tokens / lanes_s
+    result["lanes_speedup_over_one_stream"] = result["lanes_aggregate_tokens_per_s"] / result["decode_tokens_per_s"]
+    result["lanes_breakdown"] = perf.breakdown(lane_stages, start=t2, end=t3)
+    perf.plot_timeline(lane_stages, str(out / "timeline_lanes.png"), start=t2, end=min(t3, t2 + 2.0),
+                       title=f"{lanes} lanes, first 2 s")
     weights = sum(s["weight_bytes"] for s in stages)
     pipe.close()
     if not args.no_baseline and weights < 0.5 * torch_pp.devices.memory_available(pipe.device):
@@ -98,6 +117,7 @@ def main() -> None:
     print()
     base = result.get("baseline_hf", {})
     rows = [["decode tok/s (1 stream)", f"{result['decode_tokens_per_s']:.2f}", f"{base.get('decode_tokens_per_s', float('nan')):.2f}"],
+            [f"decode tok/s ({result['lanes']} lanes, together)", f"{result['lanes_aggregate_tokens_per_s']:.2f}", "-"],
             ["TTFT short prompt (s)", f"{result['ttft_short_s']:.3f}", f"{base.get('ttft_short_s', float('nan')):.3f}"],
             [f"TTFT {LONG}-token prompt, unchunked (s)", f"{result['ttft_long_unchunked_s']:.3f}", f"{base.get('ttft_long_s', float('nan')):.3f}"],
             [f"TTFT {LONG}-token prompt, pipelined (s)", f"{result['ttft_long_pipelined_s']:.3f}", "-"]]
@@ -107,7 +127,10 @@ def main() -> None:
                   f"{100 * b['compute_s'] / (t1 - t0):.0f}%", f"{100 * b['communication_s'] / (t1 - t0):.0f}%",
                   f"{100 * b['idle_s'] / (t1 - t0):.0f}%"] for b, s in zip(result["breakdown"], result["stages_memory"])],
                 ["stage", "layers", "peak MiB", "compute", "comm", "idle"])
-    print(f"\ntrace: {out / 'trace.json'}  timeline: {out / 'timeline.png'}")
+    print()
+    print_table([[str(b["rank"]), f"{100 * b['busy_share']:.0f}%", f"{100 * b['communication_s'] / (t3 - t2):.0f}%"]
+                 for b in result["lanes_breakdown"]], ["stage", f"busy with {result['lanes']} lanes", "comm"])
+    print(f"\ntrace: {out / 'trace.json'}  timelines: {out / 'timeline.png'}, {out / 'timeline_lanes.png'}")
 
 
 if __name__ == "__main__":

@@ -8,26 +8,39 @@ from __future__ import annotations
 import json
 
 
-def breakdown(stages: list[dict], *, start: float, end: float) -> list[dict]:
-    """Each stage's share of ``[start, end]``: compute, communication (send) and idle (wait).
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, cur_a, cur_b = 0.0, None, None
+    for a, b in sorted(intervals):
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                total += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    return total + (cur_b - cur_a if cur_b is not None else 0.0)
 
-    On rank 0 everything outside send and wait spans counts as compute (its layers, the LM
-    head and generate()'s own work).
+
+def breakdown(stages: list[dict], *, start: float, end: float) -> list[dict]:
+    """Each stage's use of ``[start, end]``: compute, communication (send) and idle.
+
+    Spans are clipped to the window and merged, so overlapping spans (rank 0 runs one thread
+    per lane) count once: compute is the time when any forward pass was running on the stage,
+    communication the time spent framing and sending outside compute, idle the rest. On
+    rank 0, generate()'s own bookkeeping between forward passes counts as idle.
     """
     total = end - start
     out = []
     for s in stages:
-        spent = {"compute": 0.0, "send": 0.0, "wait": 0.0}
+        spans = {"compute": [], "send": []}
         for name, a, b in s.get("spans", []):
-            overlap = min(b, end) - max(a, start)
-            if overlap > 0:
-                spent[name] = spent.get(name, 0.0) + overlap
-        if s["rank"] == 0:
-            spent["compute"] = max(0.0, total - spent["send"] - spent["wait"])
-        idle = max(0.0, total - spent["compute"] - spent["send"])
+            a, b = max(a, start), min(b, end)
+            if b > a and name in spans:
+                spans[name].append((a, b))
+        compute = _union(spans["compute"])
+        busy = _union(spans["compute"] + spans["send"])
         out.append({
-            "rank": s["rank"], "compute_s": spent["compute"], "communication_s": spent["send"], "idle_s": idle,
-            "busy_share": spent["compute"] / total if total > 0 else 0.0,
+            "rank": s["rank"], "compute_s": compute, "communication_s": busy - compute, "idle_s": max(0.0, total - busy),
+            "busy_share": compute / total if total > 0 else 0.0,
         })
     return out
 
@@ -65,9 +78,6 @@ def plot_timeline(stages: list[dict], path: str | None = None, *, start: float |
     fig, ax = plt.subplots(figsize=(12, 0.6 + 0.5 * len(stages)))
     for s in stages:
         spans = [(n, a, b) for n, a, b in s.get("spans", []) if end is None or a < end]
-        if s["rank"] == 0:  # rank 0's compute is what lies between its send/wait spans
-            ax.broken_barh([(0, ((end or max((b for _, _, b in spans), default=t0)) - t0) * 1e3)], (s["rank"] - 0.4, 0.8),
-                           facecolors=COLORS["compute"])
         for name in ("wait", "send", "compute"):
             bars = [((a - t0) * 1e3, (b - a) * 1e3) for n, a, b in spans if n == name]
             if bars:
