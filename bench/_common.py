@@ -21,6 +21,14 @@ def timed_generate(model, inputs: dict, *, new_tokens: int) -> dict:
     return {"ttft_s": timer.ttft_s, "decode_tokens_per_s": timer.decode_tokens_per_s, "wall_s": wall, "tokens": out[0].tolist()}
 
 
+def make_inputs(tok, prompt: str) -> dict:
+    """A chat prompt's input ids, or a fixed 32-token prompt for a model folder without a tokenizer."""
+    if tok is None:
+        ids = torch.arange(100, 132).unsqueeze(0)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
 def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 

@@ -8,18 +8,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_pp  # noqa: E402
-from _common import median_of, timed_generate  # noqa: E402
+from _common import make_inputs, median_of, timed_generate  # noqa: E402
 
 model_dir, prompt, new_tokens, reps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(1)
 DEVICE, DTYPE = os.environ.get("BENCH_DEVICE", "cpu"), os.environ.get("BENCH_DTYPE", "float32")
-
-
-def make_inputs(tok, prompt):
-    if tok is None:  # a random-weight model folder without a tokenizer: a fixed 32-token prompt
-        ids = torch.arange(100, 132).unsqueeze(0)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 pipe = torch_pp.start(model_dir, dtype=DTYPE, device=DEVICE, progress=False)
 if pipe.is_driver:
