@@ -166,6 +166,7 @@ class Transport:
         self.link = SimulatedLink.from_spec(os.environ.get("TORCH_PP_SIM_LINK"))
         self._owns_group = owns_group
         self._seq = 0
+        self._frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
 
     @classmethod
     def from_env(cls, *, handle_signals: bool = False) -> "Transport":
@@ -260,7 +261,9 @@ class Transport:
 
     def send(self, message: Message, dst: int) -> None:
         """Send one framed message to ``dst`` (blocks until Gloo has taken it)."""
-        frame, rest = wire.pack(message, seq=self._seq, sender=self.rank, frame_bytes=FRAME_BYTES)
+        # dist.send returns once Gloo has taken the bytes, so one staging frame serves every send
+        # (callers send from one thread at a time: the driver holds a lock, stages are single-threaded).
+        frame, rest = wire.pack(message, seq=self._seq, sender=self.rank, frame_bytes=FRAME_BYTES, out=self._frame)
         self._seq += 1
         if self.link is not None:
             self.link.delay(frame.numel() + (rest.numel() if rest is not None else 0))

@@ -74,10 +74,13 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES,
+         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Serialise a message into ``(frame, rest)``: contiguous CPU uint8 tensors.
 
     ``frame`` always has ``frame_bytes`` bytes; ``rest`` is None when the payload fits in the frame.
+    ``out``, if given, is a reusable ``frame_bytes`` staging buffer to fill instead of a new one
+    (safe once the previous send from it has completed).
     """
     specs, offset = [], 0
     for t in message.tensors:
@@ -91,7 +94,7 @@ def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = 
     data_start = _aligned(len(meta_bytes))
     total = data_start + offset
     inline = total <= frame_bytes - HEADER_BYTES
-    frame = torch.empty(frame_bytes, dtype=torch.uint8)
+    frame = out if out is not None else torch.empty(frame_bytes, dtype=torch.uint8)
     payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else torch.empty(total, dtype=torch.uint8)
     payload[: len(meta_bytes)] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
     for t, (_, shape, off, nbytes) in zip(message.tensors, specs):

@@ -1,0 +1,32 @@
+"""The performance report's pieces: spans from every stage, a valid Chrome trace, a timeline PNG."""
+
+import json
+
+import torch
+
+import torch_pp
+from torch_pp import perf
+from torch_pp.trace import now
+
+
+def test_trace_has_spans_for_every_stage(tiny_models, tmp_path):
+    with torch_pp.local_pipeline(tiny_models["llama"], stages=3, progress=False) as pipe:
+        t0 = now()
+        pipe.model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        t1 = now()
+        stages = pipe.stats(spans_since=t0)
+    perf.write_trace(stages, str(tmp_path / "trace.json"), start=t0)
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for rank in range(3):
+        mine = [e for e in events if e["tid"] == rank]
+        assert {e["name"] for e in mine} >= {"compute", "send"}, f"stage {rank}: {sorted({e['name'] for e in mine})}"
+        assert all(e["dur"] > 0 and e["ts"] >= -1 for e in mine)
+    names = [e for e in trace["traceEvents"] if e["ph"] == "M"]
+    assert len(names) == 3
+    shares = perf.breakdown(stages, start=t0, end=t1)
+    assert [b["rank"] for b in shares] == [0, 1, 2]
+    for b in shares:
+        assert 0 < b["compute_s"] and abs(b["compute_s"] + b["communication_s"] + b["idle_s"] - (t1 - t0)) < 1e-6
+    perf.plot_timeline(stages, str(tmp_path / "timeline.png"), start=t0, end=t1)
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
