@@ -40,6 +40,11 @@ def cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _per_thread(name: str, doc: str) -> property:
+    """An attribute of RemoteSpan that each thread (each lane) sees on its own."""
+    return property(lambda self: getattr(self._state(), name), lambda self, v: setattr(self._state(), name, v), doc=doc)
+
+
 class RemoteSpan:
     """On rank 0: collects the arguments of the layers other ranks own, then runs them remotely.
 
@@ -57,34 +62,12 @@ class RemoteSpan:
         st = self._local
         if not hasattr(st, "pending"):
             st.pending, st.past_len, st.sentinels = {}, 0, set()
-            st.reply = True  # False while a pipelined prefill streams its non-final chunks
-            st.keep = 0  # last positions whose hidden state rank 0 needs back (0: all)
-            st.lane = 0  # which KV cache on the stages (see torch_pp.lanes)
+            st.reply, st.keep, st.lane = True, 0, 0
         return st
 
-    @property
-    def reply(self) -> bool:
-        return self._state().reply
-
-    @reply.setter
-    def reply(self, value: bool) -> None:
-        self._state().reply = value
-
-    @property
-    def keep(self) -> int:
-        return self._state().keep
-
-    @keep.setter
-    def keep(self, value: int) -> None:
-        self._state().keep = value
-
-    @property
-    def lane(self) -> int:
-        return self._state().lane
-
-    @lane.setter
-    def lane(self, value: int) -> None:
-        self._state().lane = value
+    reply = _per_thread("reply", "False while a pipelined prefill streams its non-final chunks.")
+    keep = _per_thread("keep", "Last positions whose hidden state rank 0 needs back (0: all).")
+    lane = _per_thread("lane", "Which KV cache the stages use for this thread's forwards (see torch_pp.lanes).")
 
     def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
