@@ -1,0 +1,35 @@
+"""Start-up hello checks that turn Gloo hangs into messages (pure: no processes)."""
+
+import pytest
+
+from torch_pp.transport import SimulatedLink, TransportError, check_hellos
+
+
+def hello(host, os_name="Linux", address="10.0.0.1", iface="eth0"):
+    return {"host": host, "os": os_name, "address": address, "iface": iface}
+
+
+def test_linux_and_macos_cannot_share_a_group():
+    with pytest.raises(TransportError, match="different operating systems.*Linux: ranks 0.*Darwin: ranks 1"):
+        check_hellos({0: hello("a"), 1: hello("b", "Darwin")})
+
+
+def test_loopback_across_machines_is_refused():
+    with pytest.raises(TransportError, match="rank 1 on b would advertise 127.0.0.1.*GLOO_SOCKET_IFNAME"):
+        check_hellos({0: hello("a"), 1: hello("b", address="127.0.0.1", iface=None)})
+    check_hellos({0: hello("a", address="127.0.0.1", iface=None), 1: hello("a", address="127.0.0.1", iface=None)})  # one machine: fine
+
+
+def test_interface_without_address():
+    with pytest.raises(TransportError, match="GLOO_SOCKET_IFNAME=en9 has no IPv4 address"):
+        check_hellos({0: hello("a"), 1: hello("b", address=None, iface="en9")})
+
+
+def test_simulated_link_specs():
+    assert SimulatedLink.from_spec(None) is None
+    ten = SimulatedLink.from_spec("10gbe")
+    assert ten.latency_s == pytest.approx(50e-6) and ten.gbit_per_s == 9.4
+    custom = SimulatedLink.from_spec("latency_ms=2,gbit=1")
+    assert custom.latency_s == 0.002 and custom.gbit_per_s == 1.0
+    with pytest.raises(TransportError, match="bad TORCH_PP_SIM_LINK"):
+        SimulatedLink.from_spec("fast")
