@@ -205,13 +205,12 @@ def start(
         })
         transport.describe(layers=plan.ranges[transport.rank])
         load_start = time.perf_counter()
-        stage = agree(
+        stage, load_s = agree(
             transport,
             lambda: (load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),
                      time.perf_counter() - load_start),
             what="load the model",
         )
-        stage, load_s = stage
     except BaseException:
         if owns:
             transport.close()
