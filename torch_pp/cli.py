@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torch_pp: error: {exc}", file=sys.stderr)
         return 1
     except (PipelineError, TransportError) as exc:
-        if transport is not None and transport.monitor is not None:
+        if isinstance(exc, TransportError) and transport is not None and transport.monitor is not None:
             # A peer probably died: let the liveness monitor name the lost stage (it ends the process).
             transport.monitor.await_verdict()
         prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
