@@ -21,7 +21,8 @@ def test_trace_has_spans_for_every_stage(tiny_models, tmp_path):
     for rank in range(3):
         mine = [e for e in events if e["tid"] == rank]
         assert {e["name"] for e in mine} >= {"compute", "send"}, f"stage {rank}: {sorted({e['name'] for e in mine})}"
-        assert all(e["dur"] > 0 and e["ts"] >= -1 for e in mine)
+        # spans may begin before t0 (a stage already waiting) but all end inside the window
+        assert all(e["dur"] > 0 and e["ts"] + e["dur"] >= 0 for e in mine)
     names = [e for e in trace["traceEvents"] if e["ph"] == "M"]
     assert len(names) == 3
     shares = perf.breakdown(stages, start=t0, end=t1)
