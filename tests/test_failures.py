@@ -9,7 +9,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 from conftest import ROOT, WORKERS, free_port, torchrun
 

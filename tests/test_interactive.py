@@ -41,7 +41,7 @@ def test_start_generate_close_start_again(tiny_models):
         pipe.close()  # twice is harmless
         assert wait_gone(workers) == [], "workers left after close"
     # Re-running the cell: a second pipeline closes the first one's workers.
-    first = torch_pp.local_pipeline(path, stages=2, progress=False)
+    torch_pp.local_pipeline(path, stages=2, progress=False)
     first_workers = [p.pid for p in psutil.Process().children()]
     second = torch_pp.local_pipeline(path, stages=2, progress=False)
     assert wait_gone(first_workers) == []

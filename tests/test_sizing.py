@@ -22,7 +22,6 @@ def llama():
 
 
 def test_counts_match_the_real_model():
-    import torch
     from transformers import AutoModelForCausalLM
 
     for arch in ("llama", "qwen2", "deepseek_v3"):

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,7 +33,6 @@ FRAME_BYTES = int(os.environ.get("TORCH_PP_FRAME_BYTES", wire.DEFAULT_FRAME_BYTE
 # Idle pipelines must not be torn down by Gloo: liveness is the monitor's job.
 IDLE_TIMEOUT = timedelta(days=365)
 HELLO_TIMEOUT_S = float(os.environ.get("TORCH_PP_JOIN_TIMEOUT", "300"))
-LOOPBACK_IFACES = ("lo", "lo0")
 
 
 class TransportError(RuntimeError):

@@ -1,7 +1,6 @@
 """A driver process for test_interactive: start a local pipeline, report worker PIDs, then act."""
 
 import json
-import os
 import signal
 import sys
 import threading
