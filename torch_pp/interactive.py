@@ -79,7 +79,7 @@ def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **op
     return pipe
 
 
-def join(model=None, *, stages: int, port: int = 29600, bind: str = "0.0.0.0", **options) -> Pipeline:
+def join(model=None, *, stages: int, port: int = 29600, **options) -> Pipeline:
     """Become rank 0 of a pipeline whose other stages run on other machines.
 
     On each worker machine r (1 .. stages-1), run::
@@ -93,8 +93,7 @@ def join(model=None, *, stages: int, port: int = 29600, bind: str = "0.0.0.0", *
     Args:
         model: Model folder, at the same path on every machine; None for the default model.
         stages: Number of stages, this process included.
-        port: Port this process listens on for the workers.
-        bind: Unused placeholder for the listening address (the store listens on all addresses).
+        port: Port this process listens on for the workers (on all addresses).
         **options: ``start()`` options, applied on every rank.
     """
     _close_previous()

@@ -177,11 +177,8 @@ class Transport:
         Raises:
             TransportError: if the group cannot be formed, with the reason.
         """
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return cls(rank=0, world_size=1, local_rank=0, hellos={0: local_info()}, owns_group=False)
         return cls.connect(
-            rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             addr=os.environ.get("MASTER_ADDR", "127.0.0.1"), port=int(os.environ.get("MASTER_PORT", "29500")),
             host_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and int(os.environ.get("RANK", "0")) == 0,
             handle_signals=handle_signals,
