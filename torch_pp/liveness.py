@@ -12,8 +12,12 @@ monitor decides instead. A daemon thread on every rank:
   signals, for SIGINT/SIGTERM delivered to this process.
 
 When a peer is lost it prints one line naming the lost stage (rank, host,
-layers) and ends this process with exit code 1. A rank that leaves normally
-first marks itself done, so its silence is not mistaken for a failure.
+layers) and ends this process with exit code 1. The first rank to notice also
+posts that verdict in the store, so every survivor reports the same lost stage
+rather than whatever it sees next (often the store itself going away with
+rank 0's machine), and rank 0 lingers briefly so survivors can read it.
+A rank that leaves normally first marks itself done, so its silence is not
+mistaken for a failure.
 The store is any object with ``set``, ``get``, ``add`` and ``check`` (a c10d store).
 """
 
@@ -48,6 +52,7 @@ class Monitor:
         self.host = peers[rank]["host"]
         self._stop = threading.Event()
         self._seen: dict[int, tuple[int, float]] = {}
+        self._roles: dict[int, str] = {}
         self._wakeup_r: int | None = None
         self._thread = threading.Thread(target=self._run, name=f"torch_pp-liveness-{rank}", daemon=True)
 
@@ -100,23 +105,23 @@ class Monitor:
                 if self.store.check(["shutdown"]) and self.rank != 0:
                     reason = self.store.get("shutdown").decode()
                     self._exit(f"torch_pp: rank {self.rank}: the pipeline was stopped on rank 0 ({reason})", 0)
+                if self.store.check(["lost"]):
+                    self._stopping(self.store.get("lost").decode())
                 lost = self._lost_peer(now)
             except Exception as exc:  # noqa: BLE001 - the store's host is gone
                 if self._stop.is_set():
                     return
-                self._exit(
-                    f"torch_pp: error: rank {self.rank} lost the rendezvous store on rank 0's machine "
-                    f"({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): {exc}. Stage 0 is gone or unreachable",
-                    1,
-                )
+                self._store_lost(exc)
             if lost is not None:
-                self._exit(f"torch_pp: error: {self._lost_message(lost)}; rank {self.rank} on {self.host} is stopping", 1)
+                self._declare_lost(lost)
             self._check_signals()
 
     def _lost_peer(self, now: float) -> int | None:
         for r, info in self.peers.items():
             if r == self.rank or self.store.check([f"done/{r}"]):
                 continue
+            if r not in self._roles and self.store.check([f"role/{r}"]):
+                self._roles[r] = self.store.get(f"role/{r}").decode()
             if info["host"] == self.host and not psutil.pid_exists(info["pid"]):
                 if not self.store.check([f"done/{r}"]):
                     return r
@@ -129,10 +134,52 @@ class Monitor:
                 return r
         return None
 
-    def _lost_message(self, r: int) -> str:
-        role = self.store.get(f"role/{r}").decode() if self.store.check([f"role/{r}"]) else "not yet loaded"
-        why = "its process ended" if self.peers[r]["host"] == self.host else f"no heartbeat for {STALE_S:.0f} s (process dead or network down)"
+    def _lost_message(self, r: int, why: str | None = None) -> str:
+        role = self._roles.get(r, "not yet loaded")
+        if why is None:
+            why = "its process ended" if self.peers[r]["host"] == self.host else f"no heartbeat for {STALE_S:.0f} s (process dead or network down)"
         return f"lost stage {r} on {self.peers[r]['host']} ({role}): {why}"
+
+    def _declare_lost(self, r: int) -> None:
+        """Post the verdict for every survivor, then stop this rank."""
+        verdict = self._lost_message(r)
+        try:
+            self.store.compare_set("lost", "", verdict)  # the first verdict wins
+            verdict = self.store.get("lost").decode()
+        except Exception:  # noqa: BLE001 - the store may be going away too
+            pass
+        if self.rank == 0:
+            self._await_survivors(lost=r)
+        self._stopping(verdict)
+
+    def _await_survivors(self, *, lost: int, timeout_s: float = 3.0) -> None:
+        """Rank 0's machine hosts the store: keep it up until the survivors have read the verdict."""
+        deadline = time.monotonic() + timeout_s
+        waiting = [r for r in self.peers if r not in (self.rank, lost)]
+        while waiting and time.monotonic() < deadline:
+            try:
+                waiting = [r for r in waiting if not self.store.check([f"done/{r}"])]
+            except Exception:  # noqa: BLE001
+                return
+            time.sleep(0.05)
+
+    def _store_lost(self, exc: Exception) -> None:
+        """The store is unreachable: name the stage whose heartbeat went quiet first, if any did."""
+        now = time.monotonic()
+        quiet = {r: now - t for r, (_, t) in self._seen.items() if now - t > 2.5 * HEARTBEAT_S}
+        if quiet:
+            r = max(quiet, key=quiet.get)
+            self._stopping(self._lost_message(r, f"no heartbeat for {quiet[r]:.0f} s, then rank 0's store went away"))
+        addr = os.environ.get("MASTER_ADDR")
+        where = f" ({addr}:{os.environ.get('MASTER_PORT')})" if addr else ""
+        self._exit(
+            f"torch_pp: error: rank {self.rank} lost the rendezvous store on rank 0's machine{where}: {exc}. "
+            "Stage 0 is gone or unreachable",
+            1,
+        )
+
+    def _stopping(self, verdict: str) -> None:
+        self._exit(f"torch_pp: error: {verdict}; rank {self.rank} on {self.host} is stopping", 1)
 
     def _check_signals(self) -> None:
         if self._wakeup_r is None:
@@ -144,9 +191,14 @@ class Monitor:
         if not ready:
             return
         signums = os.read(self._wakeup_r, 64)
-        lost = self._lost_peer(time.monotonic())
+        try:
+            if self.store.check(["lost"]):
+                self._stopping(self.store.get("lost").decode())
+            lost = self._lost_peer(time.monotonic())
+        except Exception:  # noqa: BLE001
+            lost = None
         if lost is not None:  # torchrun stops us because a stage died: say which
-            self._exit(f"torch_pp: error: {self._lost_message(lost)}; rank {self.rank} on {self.host} is stopping", 1)
+            self._declare_lost(lost)
         if self.rank == 0:
             name = "Ctrl-C" if signal.SIGINT in signums else "terminated"
             try:
