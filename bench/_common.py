@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -48,3 +50,58 @@ def dump(result: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             f.write(text)
+
+
+# -- taking turns ----------------------------------------------------------------
+# The baseline and the pipeline run in their own processes, but their repetitions
+# alternate (HF, pipeline, pipeline, HF, ...), so that the drift of a shared, noisy
+# machine hits both sides alike. A worker blocks on its stdin between turns (no CPU).
+
+MARK = "BENCH "
+
+
+def serve_turns(run_once, finish) -> None:
+    """Worker side: answer each ``run`` line on stdin with ``run_once()``, ``quit`` with ``finish()``."""
+    print(MARK + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            print(MARK + json.dumps(run_once()), flush=True)
+        elif line.strip() == "quit":
+            print(MARK + json.dumps(finish()), flush=True)
+            return
+
+
+class TurnWorker:
+    """Orchestrator side of ``serve_turns``: a worker process asked for one repetition at a time."""
+
+    def __init__(self, cmd: list[str], env: dict) -> None:
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._answer()  # ready
+
+    def _answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        raise RuntimeError(f"benchmark worker {self.proc.args[:4]} ended early (exit {self.proc.wait()})")
+
+    def ask(self, what: str) -> dict:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> dict:
+        final = self.ask("quit")
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise RuntimeError(f"benchmark worker {self.proc.args[:4]} exited {self.proc.returncode}")
+        return final
+
+
+def alternate(workers: dict[str, TurnWorker], reps: int) -> dict[str, list[dict]]:
+    """``reps`` repetitions of each worker, the order flipped every round (A B, B A, A B, ...)."""
+    names = list(workers)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for i in range(reps):
+        for n in names if i % 2 == 0 else names[::-1]:
+            runs[n].append(workers[n].ask("run"))
+    return runs

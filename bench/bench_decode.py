@@ -5,23 +5,24 @@ of new tokens. Reports the write-up's four figures for each side: decode tokens/
 first token, peak memory per node (stage), and the share of time spent communicating
 (pipeline only: rank 0's wait for the other stages minus their compute).
 
-    python bench/bench_decode.py [--new-tokens 128] [--reps 3] [--stages 2] [--json out.json]
+Both sides load once, then their repetitions alternate (HF, pipeline, pipeline, HF, ...) so
+that a shared machine's drift hits both alike; the ratio is the median of the rounds' ratios.
+
+    python bench/bench_decode.py [--new-tokens 128] [--reps 6] [--stages 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
-import subprocess
+import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import dump, print_table  # noqa: E402
+from _common import TurnWorker, alternate, dump, median_of, print_table  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -50,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2)")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--json", help="also write the JSON result here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both stages share the one device)")
@@ -66,28 +67,32 @@ def main() -> None:
     else:
         model_dir = args.model or str(ensure_default_model())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_DEVICE": args.device, "BENCH_DTYPE": args.dtype}
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_out, pp_out = os.path.join(tmp, "hf.json"), os.path.join(tmp, "pp.json")
-        common = [model_dir, PROMPT, str(args.new_tokens), str(args.reps)]
-        subprocess.run([sys.executable, str(HERE / "_hf_worker.py"), *common, hf_out], env=env, check=True)
-        subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.stages),
-             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"), *common, pp_out],
-            env=env, check=True,
-        )
-        hf, pp = json.loads(Path(hf_out).read_text()), json.loads(Path(pp_out).read_text())
+    common = [model_dir, PROMPT, str(args.new_tokens)]
+    workers = {
+        "hf": TurnWorker([sys.executable, str(HERE / "_hf_worker.py"), *common], env),
+        "pp": TurnWorker([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.stages),
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"),
+                          *common], env),
+    }
+    runs = alternate(workers, args.reps)
+    hf, pp = workers["hf"].close(), workers["pp"].close()
+    for name, side in (("hf", hf), ("pp", pp)):
+        side.update(ttft_s=median_of(runs[name], "ttft_s"), decode_tokens_per_s=median_of(runs[name], "decode_tokens_per_s"))
+    # Each round's two runs share the machine's conditions of the moment: the median of their ratios.
+    pair_ratios = [p["decode_tokens_per_s"] / h["decode_tokens_per_s"] for h, p in zip(runs["hf"], runs["pp"])]
 
     result = {
-        "model": model_dir, "new_tokens": args.new_tokens, "stages": args.stages, "threads_per_process": 1,
-        "device": args.device, "dtype": args.dtype,
+        "model": model_dir, "new_tokens": args.new_tokens, "reps": args.reps, "stages": args.stages,
+        "threads_per_process": 1, "device": args.device, "dtype": args.dtype,
         "baseline_hf": {k: hf[k] for k in ("decode_tokens_per_s", "ttft_s", "peak_memory_bytes")},
         "pipeline": {
             "decode_tokens_per_s": pp["decode_tokens_per_s"], "ttft_s": pp["ttft_s"],
             "communication_share": pp["communication_share"], "per_boundary_ms": pp["per_boundary_ms"],
             "stages": [{k: s[k] for k in ("rank", "layers", "weight_bytes", "peak_memory_bytes")} for s in pp["stages"]],
         },
-        "decode_ratio_pipeline_over_hf": pp["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
-        "same_tokens": pp["tokens"] == hf["tokens"],
+        "decode_ratio_pipeline_over_hf": statistics.median(pair_ratios),
+        "decode_ratio_per_round": pair_ratios,
+        "same_tokens": all(p["tokens"] == h["tokens"] for h, p in zip(runs["hf"], runs["pp"])),
     }
     dump(result, args.json)
     print()

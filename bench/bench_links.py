@@ -11,16 +11,13 @@ time per boundary beyond what the simulated link itself costs (latency + frame t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import dump, print_table  # noqa: E402
+from _common import TurnWorker, dump, median_of, print_table  # noqa: E402
 from bench_decode import PROMPT, free_port  # noqa: E402
 
 from torch_pp.transport import FRAME_BYTES, SimulatedLink  # noqa: E402
@@ -31,15 +28,11 @@ def run_pipeline(model_dir: str, stages: int, link: str | None, new_tokens: int,
     env.pop("TORCH_PP_SIM_LINK", None)
     if link:
         env["TORCH_PP_SIM_LINK"] = link
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "pp.json")
-        subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(stages),
-             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"),
-             model_dir, PROMPT, str(new_tokens), str(reps), out],
-            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        return json.loads(Path(out).read_text())
+    worker = TurnWorker([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(stages),
+                         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"),
+                         model_dir, PROMPT, str(new_tokens)], env)
+    runs = [worker.ask("run") for _ in range(reps)]
+    return {**worker.close(), "ttft_s": median_of(runs, "ttft_s"), "decode_tokens_per_s": median_of(runs, "decode_tokens_per_s")}
 
 
 def main() -> None:

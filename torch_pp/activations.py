@@ -44,7 +44,8 @@ def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int
     key_to_template: dict[tuple, int] = {}
     layer_template: dict[str, int] = {}
     for idx, kwargs in layer_kwargs.items():
-        key = tuple(sorted((k, id(v) if not isinstance(v, tuple) else tuple(map(id, v)), repr(v) if isinstance(v, _SCALARS) else None) for k, v in kwargs.items()))
+        key = tuple((k, type(v), v) if isinstance(v, _SCALARS) else (k, tuple(map(id, v)) if isinstance(v, tuple) else id(v))
+                    for k, v in kwargs.items())
         if key not in key_to_template:
             key_to_template[key] = len(templates)
             templates.append(json.dumps({k: enc(k, v) for k, v in sorted(kwargs.items())}, separators=(",", ":")))

@@ -17,8 +17,10 @@ The receiver never guesses a size. This module is pure: no torch.distributed.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,7 @@ MAGIC = 0x74707070  # "tppp"
 PROTOCOL = 2
 HEADER_WORDS = 8
 HEADER_BYTES = HEADER_WORDS * 8
+_HEADER = struct.Struct("<8q")
 DEFAULT_FRAME_BYTES = 32 * 1024
 _ALIGN = 16
 
@@ -96,20 +99,31 @@ def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = 
     inline = total <= frame_bytes - HEADER_BYTES
     frame = out if out is not None else torch.empty(frame_bytes, dtype=torch.uint8)
     payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else torch.empty(total, dtype=torch.uint8)
-    payload[: len(meta_bytes)] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
+    # Plain memory copies where possible: a decode step runs right after a long idle wait,
+    # when every extra Python/torch call is at its slowest.
+    base = payload.data_ptr()
+    ctypes.memmove(base, meta_bytes, len(meta_bytes))
     for t, (_, shape, off, nbytes) in zip(message.tensors, specs):
-        if nbytes:
+        if not nbytes:
+            continue
+        if t.device.type == "cpu" and t.is_contiguous():
+            ctypes.memmove(base + data_start + off, t.data_ptr(), nbytes)
+        else:
             # One blocking copy straight into the payload (from any device, any strides):
             # non_blocking device->CPU copies (MPS above all) can land late or corrupt.
             payload[data_start + off : data_start + off + nbytes].view(t.dtype).view(shape).copy_(t.detach())
-    header = [MAGIC, PROTOCOL, int(message.op), len(meta_bytes), total, seq, sender, int(inline)]
-    frame[:HEADER_BYTES].view(torch.int64)[:] = torch.tensor(header, dtype=torch.int64)
+    header = _HEADER.pack(MAGIC, PROTOCOL, int(message.op), len(meta_bytes), total, seq, sender, int(inline))
+    ctypes.memmove(frame.data_ptr(), header, HEADER_BYTES)
     return frame, (None if inline else payload)
+
+
+def _header(frame: torch.Tensor) -> tuple[int, ...]:
+    return _HEADER.unpack(ctypes.string_at(frame.data_ptr(), HEADER_BYTES))
 
 
 def read_header(frame: torch.Tensor, *, expected_sender: int) -> tuple[int, bool]:
     """Check a received frame's header; return ``(payload bytes, whether the payload is inline)``."""
-    magic, proto, _op, _meta_len, total, _seq, sender, inline = frame[:HEADER_BYTES].view(torch.int64).tolist()
+    magic, proto, _op, _meta_len, total, _seq, sender, inline = _header(frame)
     if magic != MAGIC:
         raise WireError(f"garbled message from rank {expected_sender}: bad magic {magic:#x} (different frame sizes on the two ranks?)")
     if proto != PROTOCOL:
@@ -123,9 +137,9 @@ def read_header(frame: torch.Tensor, *, expected_sender: int) -> tuple[int, bool
 
 def unpack(frame: torch.Tensor, rest: torch.Tensor | None = None) -> Message:
     """Rebuild a message from its frame (and the separate payload, if any); tensors are views into them."""
-    _magic, _proto, op, meta_len, total, _seq, _sender, inline = frame[:HEADER_BYTES].view(torch.int64).tolist()
+    _magic, _proto, op, meta_len, total, _seq, _sender, inline = _header(frame)
     payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else rest
-    doc = json.loads(bytes(payload[:meta_len].numpy()).decode())
+    doc = json.loads(ctypes.string_at(payload.data_ptr(), meta_len))
     data_start = _aligned(meta_len)
     tensors = []
     for name, shape, off, nbytes in doc["t"]:
