@@ -29,6 +29,7 @@ from _common import print_table, timed_generate  # noqa: E402
 import torch_pp  # noqa: E402
 import torch_pp.devices  # noqa: E402
 from torch_pp import perf  # noqa: E402
+from torch_pp.sizing import BALANCES  # noqa: E402
 from torch_pp.trace import now  # noqa: E402
 
 LONG = 1024
@@ -52,9 +53,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--layers", help="manual plan, e.g. 0:11,11:30 (default: by memory)")
+    ap.add_argument("--layers", help="manual plan, e.g. 0:11,11:30 (overrides --balance)")
+    ap.add_argument("--balance", default="memory", choices=BALANCES, help="placement when --layers is not given")
     args = ap.parse_args()
-    pipe = torch_pp.start(args.model, progress=False, layers=args.layers)
+    pipe = torch_pp.start(args.model, progress=False, layers=args.layers, balance=args.balance)
     if not pipe.is_driver:
         return
     out = Path(args.out)

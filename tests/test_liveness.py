@@ -60,20 +60,26 @@ def test_first_verdict_reaches_every_survivor():
     assert results[2][1] < 10, f"rank 2 took {results[2][1]:.1f} s: it did not read rank 0's verdict"
 
 
-def test_store_gone_after_a_quiet_peer_names_that_peer():
-    # The store's host dies after stage 1 went quiet but before this rank's own threshold:
-    # the message still names stage 1, the stage that failed first.
+def store_gone(*, quiet_peer_first: bool) -> tuple[int, float, str]:
+    """Ranks 1 and 2 on their own hosts, the store on a third; maybe kill rank 1, then the store."""
     port = free_port()
     store = spawn("store", port, stale=60)
     ranks = [spawn(1, port, ",h1,h2", stale=60), spawn(2, port, ",h1,h2", stale=60)]
     try:
         time.sleep(2)
-        ranks[0].send_signal(signal.SIGKILL)
-        time.sleep(4)
+        if quiet_peer_first:
+            ranks[0].send_signal(signal.SIGKILL)
+            time.sleep(4)
         store.send_signal(signal.SIGKILL)
-        code, seconds, err = finish(ranks[1], timeout=30)
+        return finish(ranks[1], timeout=30)
     finally:
         kill_all(store, *ranks)
+
+
+def test_store_gone_after_a_quiet_peer_names_that_peer():
+    # The store's host dies after stage 1 went quiet but before this rank's own threshold:
+    # the message still names stage 1, the stage that failed first.
+    code, seconds, err = store_gone(quiet_peer_first=True)
     assert code == 1, err
     assert "lost stage 1 on h1 (layers 10:20)" in err, err
     assert "then rank 0's store went away" in err, err
@@ -81,14 +87,6 @@ def test_store_gone_after_a_quiet_peer_names_that_peer():
 
 
 def test_store_gone_with_every_peer_alive_blames_the_store():
-    port = free_port()
-    store = spawn("store", port, stale=60)
-    ranks = [spawn(1, port, ",h1,h2", stale=60), spawn(2, port, ",h1,h2", stale=60)]
-    try:
-        time.sleep(2)
-        store.send_signal(signal.SIGKILL)
-        code, _, err = finish(ranks[1], timeout=30)
-    finally:
-        kill_all(store, *ranks)
+    code, _, err = store_gone(quiet_peer_first=False)
     assert code == 1, err
     assert "lost the rendezvous store" in err and "lost stage" not in err, err

@@ -1,8 +1,10 @@
-"""Placement by memory and the `torch_pp plan` preview (pure: no weights, no processes)."""
+"""Placement by memory or compute and the `torch_pp plan` preview (mostly pure: no weights)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 from conftest import ROOT, torchrun
 from tiny_models import tiny_config
 from torch_pp.plan import PlanError, parse_layers
-from torch_pp.sizing import memory_plan, model_sizes, parse_bytes, stage_needs
+from torch_pp.sizing import ModelSizes, choose_plan, compute_plan, memory_plan, model_sizes, parse_bytes, stage_needs
 
 GiB = 2**30
 
@@ -91,6 +93,52 @@ def test_infeasible_cluster_is_reported(llama):
         memory_plan(llama, available=[GiB] * 13, dtype="float32", context=128, batch=1)
 
 
+def smollm2_shaped():
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+def test_compute_plan_gives_rank0_fewer_layers_for_its_head():
+    sizes = model_sizes(smollm2_shaped())
+    assert sizes.head_params == 49152 * 576  # tied: the head is the embedding matrix, multiplied every token
+    assert compute_plan(sizes, num_stages=1).ranges == ((0, 30),)
+    # head = 8.0 layers of work: (8 + 11) vs 19 layers
+    assert compute_plan(sizes, num_stages=2).ranges == ((0, 11), (11, 30))
+
+
+def test_compute_plan_is_the_best_contiguous_split():
+    rng = random.Random(0)
+    for _ in range(30):
+        n, stages = rng.randint(3, 9), rng.randint(1, 3)
+        stages = min(stages, n)
+        cost = tuple(rng.randint(1, 50) for _ in range(n))
+        sizes = ModelSizes(cost, 0, (0,) * n, (None,) * n, layer_active_params=cost, head_params=rng.randint(0, 80))
+
+        def worst(bounds):
+            loads = [sum(cost[a:b]) + (sizes.head_params if r == 0 else 0) for r, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+            return max(loads)
+
+        best = min(worst((0, *cuts, n)) for cuts in itertools.combinations(range(1, n), stages - 1))
+        plan = compute_plan(sizes, num_stages=stages)
+        assert worst((0, *(r[1] for r in plan.ranges))) == best, (cost, sizes.head_params, plan)
+
+
+def test_compute_plan_counts_only_the_active_experts():
+    config = tiny_config("deepseek_v3", layers=4)  # 4 routed experts, 2 per token, layer 0 dense
+    sizes = model_sizes(config)
+    assert sizes.layer_active_params[0] == sizes.layer_params[0]
+    experts = 4 * (64 * 64 + 64 * 32)  # gate_up_proj + down_proj of the tiny config
+    assert sizes.layer_params[1] - sizes.layer_active_params[1] == experts // 2
+
+
+def test_choose_plan_names_the_choices():
+    with pytest.raises(PlanError, match="memory, compute, even"):
+        choose_plan(model_sizes(tiny_config("llama", layers=4)), num_stages=2, balance="speed", dtype="float32",
+                    context=16, batch=1)
+
+
 def test_parse_bytes():
     assert parse_bytes("128GiB") == 128 * GiB and parse_bytes("96GB") == 96 * 10**9 and parse_bytes("512") == 512
     with pytest.raises(ValueError):
@@ -135,6 +183,13 @@ def test_plan_cli_answers_the_deepseek_67b_question(tmp_path):
     assert small.returncode == 3 and "fits: NO" in small.stdout
     int8 = plan_cli(path, "--memory", "64GiB,64GiB", "--dtype", "int8")
     assert int8.returncode == 0 and "fits: yes" in int8.stdout
+
+
+def test_plan_cli_compute_balance(tmp_path):
+    smollm2_shaped().save_pretrained(tmp_path)
+    out = plan_cli(tmp_path, "--memory", "4GiB,4GiB", "--dtype", "float32", "--balance", "compute", "--output", "json")
+    assert out.returncode == 0, out.stderr
+    assert [s["layers"] for s in json.loads(out.stdout)["stages"]] == [[0, 11], [11, 30]]
 
 
 def test_budget_failure_before_loading_under_torchrun(tiny_models):

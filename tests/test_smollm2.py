@@ -64,6 +64,20 @@ def test_two_stages_equal_single_process_transformers(smol_run):
     assert result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
 
 
+def test_compute_balance_moves_layers_off_rank0_with_the_same_tokens(smol_run, torch_pp_cache):
+    run, _ = smol_run
+    balanced = torchrun(
+        2,
+        ["torch_pp", "generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "24", "--output", "json",
+         "--balance", "compute", "--no-progress"],
+        module=True, env={"TORCH_PP_CACHE": str(torch_pp_cache)}, timeout=300,
+    )
+    assert balanced.returncode == 0, balanced.stderr[-3000:]
+    result = json.loads(balanced.stdout.strip().splitlines()[-1])
+    assert [s["layers"] for s in result["stages"]] == [[0, 11], [11, 30]]  # rank 0 also multiplies the LM head
+    assert result["token_ids"] == json.loads(run.stdout.strip().splitlines()[-1])["token_ids"]
+
+
 def test_text_output_streams_on_rank0_only(smol_run, torch_pp_cache):
     run = torchrun(
         2,

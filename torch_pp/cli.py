@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from .devices import DTYPES
+from .sizing import BALANCES
 
 
 
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=list(DTYPES))
     gen.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
     gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
-    gen.add_argument("--balance", choices=["memory", "even"], default="memory",
-                     help="place layers by each rank's free memory (default) or evenly")
+    gen.add_argument("--balance", choices=BALANCES, default="memory",
+                     help="place layers by each rank's free memory (default), by work per token "
+                          "(compute: best with several lanes) or evenly")
     gen.add_argument("--context", type=int, default=4096, help="tokens the KV cache is sized for when placing layers")
     gen.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
     gen.add_argument("--output", choices=["text", "json"], default="text")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="float16", help="float32, float16, bfloat16, int8/8bit or int4/4bit (default float16)")
     pl.add_argument("--context", type=int, default=4096)
     pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--balance", choices=["memory", "even"], default="memory")
+    pl.add_argument("--balance", choices=BALANCES, default="memory")
     pl.add_argument("--layers", help="manual plan to check instead")
     pl.add_argument("--reserve", default="1GiB", help="runtime overhead per node (default 1GiB)")
     pl.add_argument("--output", choices=["text", "json"], default="text")
@@ -69,9 +71,8 @@ def run_plan(args: argparse.Namespace) -> int:
     """``torch_pp plan``: exit 0 if the model fits, 3 if it does not."""
     from pathlib import Path
 
-    from .plan import even_plan, parse_layers
     from .planning import load_config_only
-    from .sizing import BYTES_PER_PARAM, format_bytes, memory_plan, model_sizes, needs_table, parse_bytes, stage_needs
+    from .sizing import BYTES_PER_PARAM, choose_plan, format_bytes, model_sizes, needs_table, parse_bytes, stage_needs
 
     if args.dtype not in BYTES_PER_PARAM:
         raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
@@ -79,14 +80,8 @@ def run_plan(args: argparse.Namespace) -> int:
     memory = [parse_bytes(m) for m in args.memory.split(",")]
     reserve = parse_bytes(args.reserve)
     sizes = model_sizes(config)
-    n = config.num_hidden_layers
-    if args.layers:
-        plan = parse_layers(args.layers, num_layers=n)
-        plan.check_world_size(len(memory))
-    elif args.balance == "even":
-        plan = even_plan(num_layers=n, num_stages=len(memory))
-    else:
-        plan = memory_plan(sizes, available=memory, dtype=args.dtype, context=args.context, batch=args.batch, reserve=reserve)
+    plan = choose_plan(sizes, num_stages=len(memory), layers=args.layers, balance=args.balance, available=memory,
+                       dtype=args.dtype, context=args.context, batch=args.batch, reserve=reserve)
     needs = stage_needs(sizes, plan, dtype=args.dtype, context=args.context, batch=args.batch, available=memory, reserve=reserve)
     fits = all(s.fits for s in needs)
     params = sum(sizes.layer_params) + sizes.rank0_params
@@ -99,7 +94,7 @@ def run_plan(args: argparse.Namespace) -> int:
                         "headroom_bytes": s.headroom_bytes, "fits": s.fits} for s in needs],
         }))
     else:
-        print(f"{config.model_type}: {params / 1e9:.2f} B parameters, {n} layers, {args.dtype}, context {args.context} x batch {args.batch}"
+        print(f"{config.model_type}: {params / 1e9:.2f} B parameters, {config.num_hidden_layers} layers, {args.dtype}, context {args.context} x batch {args.batch}"
               + (f"; checkpoint {format_bytes(checkpoint_bytes)}" if checkpoint_bytes else ""))
         print(needs_table(needs))
         print("fits: yes" if fits else "fits: NO - the stages marked NO need more memory")

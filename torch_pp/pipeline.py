@@ -23,9 +23,9 @@ from .generate import guard_generate
 from .lanes import Lanes
 from . import __version__
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
-from .plan import PlanError, StagePlan, even_plan, parse_layers
+from .plan import PlanError, StagePlan
 from .runtime import Driver, agree, agree_on, serve
-from .sizing import DEFAULT_RESERVE, memory_plan, model_sizes, needs_table, stage_needs
+from .sizing import BALANCES, DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
 from .transport import FRAME_BYTES, Transport
 
 
@@ -139,7 +139,9 @@ def start(
             embedded SmolLM2-135M-Instruct.
         layers: Manual plan such as ``"0:10,10:30"``; overrides ``balance``.
         balance: ``"memory"`` (layers in proportion to each rank's free memory, counting rank 0's
-            embedding and head and the KV cache) or ``"even"`` (equal layer counts).
+            embedding and head and the KV cache), ``"compute"`` (equal work per decode token,
+            counting rank 0's LM head: best for several lanes) or ``"even"`` (equal layer counts).
+            Every placement is checked against each rank's memory.
         context: Tokens per sequence the KV cache is sized for when placing and checking the fit.
         batch: Sequences the KV cache is sized for.
         prefill_chunk: Tokens per chunk of a pipelined prefill (None: about four chunks per
@@ -166,8 +168,8 @@ def start(
         model_dir = Path(model) if model is not None else ensure_default_model(progress=show)
         config = read_config(model_dir)
         weight_map(model_dir)  # fail early when weights are missing
-        if balance not in ("memory", "even"):
-            raise PlanError(f"balance must be 'memory' or 'even', not {balance!r}")
+        if balance not in BALANCES:
+            raise PlanError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
         dev = pick_device(device, local_rank=transport.local_rank)
         memory = {"host": transport.host, "device": str(dev), "capped": max_memory is not None,
                   "bytes": max_memory if max_memory is not None else memory_available(dev)}
@@ -178,14 +180,8 @@ def start(
         available = [r["bytes"] if r["capped"] else r["bytes"] // sum((o["host"], o["device"]) == (r["host"], r["device"]) for o in rows)
                      for r in rows]
         sizes = model_sizes(config)
-        n = config.num_hidden_layers
-        if layers:
-            plan = parse_layers(layers, num_layers=n)
-        elif balance == "even":
-            plan = even_plan(num_layers=n, num_stages=transport.world_size)
-        else:
-            plan = memory_plan(sizes, available=available, dtype=dtype_name(dt), context=context, batch=batch)
-        plan.check_world_size(transport.world_size)
+        plan = choose_plan(sizes, num_stages=transport.world_size, layers=layers, balance=balance, available=available,
+                           dtype=dtype_name(dt), context=context, batch=batch)
         needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=context, batch=batch, available=available,
                             reserve=DEFAULT_RESERVE)
         if not all(s.fits for s in needs):

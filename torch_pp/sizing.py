@@ -1,4 +1,4 @@
-"""How much memory each stage needs, and placement of layers by memory.
+"""How much memory each stage needs, and placement of layers by memory or by compute.
 
 Everything here is pure arithmetic on a config: parameter counts come from the
 model's own transformers classes built on the meta device (so MoE layers, dense
@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import PlanError, StagePlan
+from .plan import PlanError, StagePlan, even_plan, parse_layers
 
 # Bytes per parameter; the integer widths are for planning quantised checkpoints.
 BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "8bit": 1.0, "int4": 0.5, "4bit": 0.5}
 KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 2, "8bit": 2, "int4": 2, "4bit": 2}  # caches stay 16-bit
 DEFAULT_RESERVE = 1 * 2**30  # runtime, activations and framework per rank
+BALANCES = ("memory", "compute", "even")
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,17 @@ class ModelSizes:
         rank0_params: Embedding + final norm + LM head (counted once when tied).
         kv_elems_per_token: Cached K and V elements per token, for each layer.
         kv_window: Sliding window per layer (None for full attention).
+        layer_active_params: Parameters each decoder layer multiplies per token (MoE layers
+            count their shared experts and only ``num_experts_per_tok`` routed ones).
+        head_params: Parameters of the LM head, which rank 0 multiplies for every decode token.
     """
 
     layer_params: tuple[int, ...]
     rank0_params: int
     kv_elems_per_token: tuple[int, ...]
     kv_window: tuple[int | None, ...]
+    layer_active_params: tuple[int, ...] = ()
+    head_params: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -49,6 +55,9 @@ def model_sizes(config) -> ModelSizes:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     counts: dict[int, int] = {}
+    active: dict[int, float] = {}
+    routed = getattr(config, "num_experts_per_tok", None) or 1
+    routed /= getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None) or routed
     rank0 = 0
     seen: set[int] = set()
     for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
@@ -57,7 +66,9 @@ def model_sizes(config) -> ModelSizes:
         seen.add(id(p))
         m = re.match(r"model\.layers\.(\d+)\.", name)
         if m:
-            counts[int(m.group(1))] = counts.get(int(m.group(1)), 0) + p.numel()
+            i = int(m.group(1))
+            counts[i] = counts.get(i, 0) + p.numel()
+            active[i] = active.get(i, 0) + p.numel() * (routed if ".mlp.experts." in name else 1)
         else:
             rank0 += p.numel()
     n = config.num_hidden_layers
@@ -69,7 +80,10 @@ def model_sizes(config) -> ModelSizes:
             getattr(config, "sliding_window", None) and getattr(config, "model_type", "") == "mistral"
         )
         window.append(int(config.sliding_window) if sliding and getattr(config, "sliding_window", None) else None)
-    return ModelSizes(tuple(counts.get(i, 0) for i in range(n)), rank0, tuple(kv), tuple(window))
+    head = model.get_output_embeddings()
+    return ModelSizes(tuple(counts.get(i, 0) for i in range(n)), rank0, tuple(kv), tuple(window),
+                      layer_active_params=tuple(int(active.get(i, 0)) for i in range(n)),
+                      head_params=head.weight.numel() if head is not None else 0)
 
 
 def _kv_elems(config) -> int:
@@ -155,6 +169,66 @@ def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context:
         bounds.append(i)
     bounds.append(n_layers)
     return StagePlan(ranges=tuple(zip(bounds[:-1], bounds[1:])), num_layers=n_layers)
+
+
+def compute_plan(sizes: ModelSizes, *, num_stages: int) -> StagePlan:
+    """Contiguous layer ranges that give every stage about the same work per decode token.
+
+    Work is counted in parameters multiplied per token: each layer's active parameters, plus
+    the LM head on rank 0 (for small models the head weighs as much as several layers, so
+    rank 0 gets fewer). The largest stage is made as small as possible, which is what sets
+    the pace when several lanes keep every stage busy. Memory is not considered here.
+
+    Raises:
+        PlanError: if there are more stages than layers.
+    """
+    n = sizes.num_layers
+    if num_stages > n:
+        raise PlanError(f"{num_stages} stages for a model with {n} layers: every stage needs at least one layer")
+    cost = list(sizes.layer_active_params or sizes.layer_params)
+    prefix = [0]
+    for c in cost:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[r][i]: the smallest possible largest stage when stages 0..r cover layers 0..i-1.
+    best = [[inf] * (n + 1) for _ in range(num_stages)]
+    cut = [[0] * (n + 1) for _ in range(num_stages)]
+    for i in range(1, n + 1):
+        best[0][i] = sizes.head_params + prefix[i]
+    for r in range(1, num_stages):
+        for i in range(r + 1, n + 1):
+            for j in range(r, i):
+                worst = max(best[r - 1][j], prefix[i] - prefix[j])
+                if worst < best[r][i]:
+                    best[r][i], cut[r][i] = worst, j
+    bounds = [n]
+    for r in range(num_stages - 1, 0, -1):
+        bounds.append(cut[r][bounds[-1]])
+    bounds.append(0)
+    bounds.reverse()
+    return StagePlan(ranges=tuple(zip(bounds[:-1], bounds[1:])), num_layers=n)
+
+
+def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None, balance: str = "memory",
+                available: list[int] | None = None, dtype: str, context: int, batch: int,
+                reserve: int = DEFAULT_RESERVE) -> StagePlan:
+    """The plan for a run: the manual ``layers`` if given, else the ``balance`` placement.
+
+    Raises:
+        PlanError: for a bad manual plan, an unknown balance or more stages than layers.
+    """
+    if layers:
+        plan = parse_layers(layers, num_layers=sizes.num_layers)
+    elif balance == "even":
+        plan = even_plan(num_layers=sizes.num_layers, num_stages=num_stages)
+    elif balance == "compute":
+        plan = compute_plan(sizes, num_stages=num_stages)
+    elif balance == "memory":
+        plan = memory_plan(sizes, available=available, dtype=dtype, context=context, batch=batch, reserve=reserve)
+    else:
+        raise PlanError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
+    plan.check_world_size(num_stages)
+    return plan
 
 
 def parse_bytes(text: str) -> int:
