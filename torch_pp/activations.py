@@ -57,7 +57,7 @@ def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int
 def decode(meta: dict, tensors: list[torch.Tensor], *, device: torch.device) -> tuple[torch.Tensor, dict[int, dict], int, bool]:
     """Inverse of ``encode``: ``(hidden, layer_kwargs, past_len, use_cache)`` with tensors on ``device``."""
     # Blocking copies: non_blocking host->MPS copies can corrupt data.
-    moved = [t.to(device) for t in tensors]
+    moved = tensors if device.type == "cpu" else [t.to(device) for t in tensors]
 
     def dec(value: dict):
         if "t" in value:

@@ -42,6 +42,10 @@ _DTYPES = {
 }
 
 
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
+_ITEMSIZE = {dt: dt.itemsize for dt in _DTYPES.values()}
+
+
 class Op(enum.IntEnum):
     """What a message asks of its receiver."""
 
@@ -87,10 +91,10 @@ def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = 
     """
     specs, offset = [], 0
     for t in message.tensors:
-        name = str(t.dtype).removeprefix("torch.")
-        if name not in _DTYPES:
+        name = _NAMES.get(t.dtype)
+        if name is None:
             raise WireError(f"cannot send a tensor of dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         specs.append([name, list(t.shape), offset, nbytes])
         offset = _aligned(offset + nbytes)
     meta_bytes = json.dumps({"m": message.meta, "t": specs}, separators=(",", ":")).encode()
@@ -141,9 +145,12 @@ def unpack(frame: torch.Tensor, rest: torch.Tensor | None = None) -> Message:
     payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else rest
     doc = json.loads(ctypes.string_at(payload.data_ptr(), meta_len))
     data_start = _aligned(meta_len)
+    buffer = payload.numpy()  # one view for all the tensors; each keeps the buffer alive
     tensors = []
     for name, shape, off, nbytes in doc["t"]:
         dtype = _DTYPES[name]
-        raw = payload[data_start + off : data_start + off + nbytes]
-        tensors.append(raw.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype))
+        if nbytes:
+            tensors.append(torch.frombuffer(buffer, dtype=dtype, count=nbytes // _ITEMSIZE[dtype], offset=data_start + off).view(shape))
+        else:
+            tensors.append(torch.empty(shape, dtype=dtype))
     return Message(op=Op(op), meta=doc["m"], tensors=tensors)
