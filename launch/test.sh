@@ -5,4 +5,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/launch/setup_env.sh"
 VENV=${TORCH_PP_VENV:-$ROOT/.venv}
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=12 "$@" tests
