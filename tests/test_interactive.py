@@ -11,6 +11,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
@@ -84,6 +85,19 @@ def test_interrupt_leaves_the_pipeline_usable(tiny_models):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"interrupted": True, "usable": True}
+
+
+@pytest.mark.parametrize("when", ["idle", "busy"])
+def test_lost_worker_fails_calls_but_not_the_kernel(tiny_models, when):
+    out = subprocess.run([sys.executable, str(WORKERS / "driver_script.py"), str(tiny_models["llama"]), f"lose-{when}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]  # the driver process lived on
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["error"] and "lost stage 2 on" in result["error"] and "(layers" in result["error"], result
+    assert "start a new one" in result["error"]
+    assert result["seconds"] < 5, result  # a local death is seen at once (even before the worker is reaped)
+    assert result["again"] == result["error"]  # later calls fail the same way, at once
+    assert result["usable"] is True  # and a fresh pipeline works in the same process
 
 
 def test_join_workers_started_by_torchrun(tiny_models):

@@ -70,7 +70,8 @@ def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **op
         for r in range(1, stages)
     ]
     try:
-        transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True)
+        transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True,
+                                      exit_on_loss=False)  # a lost worker must not end the kernel
         pipe = _start_driver(transport, model, options)
     except BaseException:
         _kill(procs)
@@ -97,7 +98,8 @@ def join(model=None, *, stages: int, port: int = 29600, **options) -> Pipeline:
         **options: ``start()`` options, applied on every rank.
     """
     _close_previous()
-    transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True)
+    transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True,
+                                      exit_on_loss=False)  # a lost worker must not end the kernel
     return _start_driver(transport, model, options)
 
 

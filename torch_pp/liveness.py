@@ -18,6 +18,10 @@ rather than whatever it sees next (often the store itself going away with
 rank 0's machine), and rank 0 lingers briefly so survivors can read it.
 A rank that leaves normally first marks itself done, so its silence is not
 mistaken for a failure.
+
+A driver inside a notebook kernel must not end its process: built with
+``exit_on_loss=False``, the monitor records the verdict, hands it to ``on_lost``
+and stops watching; the pipeline then fails its calls with that message.
 The store is any object with ``set``, ``get``, ``add`` and ``check`` (a c10d store).
 """
 
@@ -36,6 +40,19 @@ POLL_S = 0.5
 STALE_S = float(os.environ.get("TORCH_PP_STALE_S", "8"))
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process on this machine still runs (a zombie, dead but not yet reaped by its
+    parent, does not: a notebook that started its workers is their parent)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class _Verdict(BaseException):
+    """Ends the monitor thread of a rank that keeps its process (``exit_on_loss=False``)."""
+
+
 class Monitor:
     """Heartbeats and peer watching for one rank.
 
@@ -43,12 +60,17 @@ class Monitor:
         store: A c10d store reserved for this monitor (its own connection).
         rank: This rank.
         peers: rank -> {"host", "pid"} for every rank, from the start-up hello.
+        exit_on_loss: End this process when a peer is lost (False: record the verdict,
+            call ``on_lost(verdict)`` and stop watching).
     """
 
-    def __init__(self, store, *, rank: int, peers: dict[int, dict]) -> None:
+    def __init__(self, store, *, rank: int, peers: dict[int, dict], exit_on_loss: bool = True) -> None:
         self.store = store
         self.rank = rank
         self.peers = peers
+        self.exit_on_loss = exit_on_loss
+        self.verdict: str | None = None
+        self.on_lost = None  # callable(verdict), run on the monitor thread
         self.host = peers[rank]["host"]
         self._stop = threading.Event()
         self._seen: dict[int, tuple[int, float]] = {}
@@ -94,6 +116,13 @@ class Monitor:
     # -- the thread -------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except _Verdict:
+            if self.on_lost is not None:
+                self.on_lost(self.verdict)
+
+    def _watch(self) -> None:
         beat, last_beat = 0, 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -122,7 +151,7 @@ class Monitor:
                 continue
             if r not in self._roles and self.store.check([f"role/{r}"]):
                 self._roles[r] = self.store.get(f"role/{r}").decode()
-            if info["host"] == self.host and not psutil.pid_exists(info["pid"]):
+            if info["host"] == self.host and not _alive(info["pid"]):
                 if not self.store.check([f"done/{r}"]):
                     return r
                 continue
@@ -172,14 +201,20 @@ class Monitor:
             self._stopping(self._lost_message(r, f"no heartbeat for {quiet[r]:.0f} s, then rank 0's store went away"))
         addr = os.environ.get("MASTER_ADDR")
         where = f" ({addr}:{os.environ.get('MASTER_PORT')})" if addr else ""
-        self._exit(
-            f"torch_pp: error: rank {self.rank} lost the rendezvous store on rank 0's machine{where}: {exc}. "
-            "Stage 0 is gone or unreachable",
-            1,
-        )
+        self._fail(f"rank {self.rank} lost the rendezvous store on rank 0's machine{where}: {exc}. "
+                   "Stage 0 is gone or unreachable")
 
     def _stopping(self, verdict: str) -> None:
+        if not self.exit_on_loss:
+            self._fail(verdict)
         self._exit(f"torch_pp: error: {verdict}; rank {self.rank} on {self.host} is stopping", 1)
+
+    def _fail(self, verdict: str) -> None:
+        if self.exit_on_loss:
+            self._exit(f"torch_pp: error: {verdict}", 1)
+        self.verdict = verdict
+        self._stop.set()
+        raise _Verdict
 
     def _check_signals(self) -> None:
         if self._wakeup_r is None:

@@ -9,7 +9,9 @@ other ranks it serves the stage and returns once rank 0 closes the pipeline.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +105,8 @@ class Pipeline:
             return
         self._closed = True
         if self.driver is not None:
-            self.driver.shutdown()
+            if not self.driver.lost:  # after a lost stage there is no ring left to go round
+                self.driver.shutdown()
             self.stage.span.runner = None
         if self._owns_transport:
             self.transport.close()
@@ -116,6 +119,23 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stage_lost(driver: Driver, verdict: str) -> None:
+    """The liveness verdict reached a driver that keeps its process (a notebook kernel).
+
+    Every later call fails with the verdict. A call blocked on the wire comes back by
+    itself when the lost stage's connection closed (a dead process); if it is still
+    blocked after a few seconds (a machine cut off the network), no Gloo call can be
+    interrupted, so the process ends with the message rather than hang.
+    """
+    driver.lost = verdict
+    deadline = time.monotonic() + 5
+    while driver.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if driver.in_flight:
+        print(f"torch_pp: error: {verdict}; rank 0 is blocked waiting for that stage and must stop", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def start(
@@ -220,6 +240,8 @@ def start(
         if stage.span is not None:
             pipe.driver = Driver(transport, device=dev)
             stage.span.runner = pipe.driver.run_remote
+            if transport.monitor is not None and not transport.monitor.exit_on_loss:
+                transport.monitor.on_lost = functools.partial(_stage_lost, pipe.driver)
             stage.model.register_forward_pre_hook(lambda *_: pipe.driver.mark_busy())
             stage.model.register_forward_hook(lambda *_: pipe.driver.mark_idle())
             prefill.install(stage.model, stage.span, stages=plan.num_stages, chunk=prefill_chunk)

@@ -22,7 +22,7 @@ import torch
 from . import activations
 from .stage import StageRunner
 from .trace import Tracer, now
-from .transport import Transport
+from .transport import Transport, TransportError
 from .wire import Message, Op
 
 log = logging.getLogger("torch_pp")
@@ -142,6 +142,9 @@ class Driver:
         self._recv = threading.Condition()
         self._receiving = False
         self._stash: dict[int, Message] = {}  # replies that arrived for another lane's thread
+        self.lost: str | None = None  # the liveness verdict, once a stage is lost: every call fails with it
+        self.in_flight = 0  # threads inside a send or an exchange
+        self._count = threading.Lock()
 
     def mark_busy(self) -> None:
         """A forward pass starts on rank 0: compute until the next remote call."""
@@ -178,6 +181,7 @@ class Driver:
             keep: Return only the last ``keep`` positions, [B, keep, H] (0: all S).
             lane: Which KV cache the stages use (see ``torch_pp.lanes``).
         """
+        self._check_lost()
         start = time.perf_counter()
         busy = self._pause_busy()
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
@@ -205,9 +209,35 @@ class Driver:
 
     def _send(self, message: Message) -> None:
         t0 = now()
-        with self._send_lock:
-            self.transport.send(message, dst=1)
+        with self._flight():
+            with self._send_lock:
+                self.transport.send(message, dst=1)
         self.tracer.add("send", t0, now())
+
+    def _check_lost(self) -> None:
+        if self.lost:
+            raise PipelineError(f"{self.lost}; this pipeline is closed: start a new one")
+
+    @contextlib.contextmanager
+    def _flight(self):
+        """Count this thread as inside the wire; a failure becomes the liveness verdict where there is one."""
+        with self._count:
+            self.in_flight += 1
+        failure = None
+        try:
+            yield
+        except TransportError as exc:
+            failure = exc
+        finally:
+            with self._count:
+                self.in_flight -= 1
+        if failure is not None:
+            monitor = self.transport.monitor
+            if monitor is None or monitor.exit_on_loss:
+                raise failure  # the process ends with the monitor's message (see cli)
+            monitor.await_verdict()  # names the lost stage, usually within a second
+            self.lost = self.lost or monitor.verdict or str(failure)
+            raise PipelineError(f"{self.lost}; this pipeline is closed: start a new one") from failure
 
     def _exchange(self, message: Message, *, lane: int) -> Message:
         """Send round the ring and take the reply for ``lane``, even if interrupted in between.
@@ -216,9 +246,13 @@ class Driver:
         back until the reply is in, so the ring never keeps a stale message and the pipeline
         stays usable; the interrupt is then raised.
         """
-        with _interrupts_held() as held:
-            self._send(message)
+        self._check_lost()
+        with _interrupts_held() as held, self._flight():
+            with self._send_lock:
+                t0 = now()
+                self.transport.send(message, dst=1)
             t1 = now()
+            self.tracer.add("send", t0, t1)
             reply = self._await(lane)
             self.tracer.add("wait", t1, now())
         if held.count:

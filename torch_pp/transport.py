@@ -186,7 +186,7 @@ class Transport:
 
     @classmethod
     def connect(cls, *, rank: int, world_size: int, addr: str, port: int, local_rank: int = 0,
-                host_store: bool = False, handle_signals: bool = False) -> "Transport":
+                host_store: bool = False, handle_signals: bool = False, exit_on_loss: bool = True) -> "Transport":
         """Join a group explicitly: ``addr:port`` is the rendezvous store (rank 0's machine).
 
         Args:
@@ -197,6 +197,8 @@ class Transport:
             local_rank: Rank on this machine.
             host_store: Serve the store from this process (rank 0 outside torchrun).
             handle_signals: See ``from_env``.
+            exit_on_loss: End this process when another rank is lost (False for a notebook's
+                driver: the pipeline fails its calls instead, see ``liveness.Monitor``).
 
         Raises:
             TransportError: if the group cannot be formed, with the reason.
@@ -232,7 +234,7 @@ class Transport:
         t._store = store
         t._base_store = base  # keeps the store (and, on its host, the server) alive
         t._hosting = host_store
-        t.monitor = Monitor(dist.PrefixStore("torch_pp/", client()), rank=rank, peers=hellos).start()
+        t.monitor = Monitor(dist.PrefixStore("torch_pp/", client()), rank=rank, peers=hellos, exit_on_loss=exit_on_loss).start()
         if handle_signals:
             t.monitor.handle_signals()
         return t
@@ -305,7 +307,7 @@ class Transport:
             if getattr(self, "_hosting", False):
                 # This process serves the store: keep it up until every rank has left.
                 others = [f"done/{r}" for r in range(self.world_size) if r != self.rank]
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + (3 if self.monitor.verdict else 10)  # a lost rank never says done
                 while time.monotonic() < deadline and not self._store.check(others):
                     time.sleep(0.05)
         if self._owns_group and dist.is_initialized():

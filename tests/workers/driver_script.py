@@ -33,3 +33,31 @@ elif action == "interrupt":
     got = pipe.model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
     print(json.dumps({"interrupted": interrupted, "usable": torch.equal(got, want)}), flush=True)
     pipe.close()
+elif action in ("lose-idle", "lose-busy"):
+    # Stage 2's process dies; this driver (a notebook kernel) must live on, fail with the
+    # lost stage's name, close, and start a fresh pipeline.
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    victim = next(p for p in workers if "--rank 2" in " ".join(psutil.Process(p).cmdline()))
+    if action == "lose-idle":
+        psutil.Process(victim).kill()
+        time.sleep(2)
+    else:
+        threading.Timer(1.0, lambda: psutil.Process(victim).kill()).start()
+    start, error = time.monotonic(), None
+    try:
+        for _ in range(1000):
+            pipe.model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    except torch_pp.PipelineError as exc:
+        error = str(exc)
+    seconds = time.monotonic() - start
+    try:
+        pipe.model.generate(ids, max_new_tokens=2)
+        again = None
+    except torch_pp.PipelineError as exc:
+        again = str(exc)
+    pipe.close()
+    fresh = torch_pp.local_pipeline(model, stages=2, progress=False)
+    usable = torch.equal(fresh.model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False), want)
+    fresh.close()
+    print(json.dumps({"error": error, "again": again, "seconds": seconds, "usable": usable}), flush=True)

@@ -5,7 +5,6 @@
 """
 
 import datetime
-import os
 import sys
 import time
 
