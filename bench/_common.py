@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,18 @@ def timed_generate(model, inputs: dict, *, new_tokens: int) -> dict:
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=timer)
     wall = time.perf_counter() - start
     return {"ttft_s": timer.ttft_s, "decode_tokens_per_s": timer.decode_tokens_per_s, "wall_s": wall, "tokens": out[0].tolist()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` with ``nproc`` ranks on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
 
 
 def make_inputs(tok, prompt: str) -> dict:

@@ -15,22 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import TurnWorker, alternate, dump, median_of, print_table  # noqa: E402
+from _common import TurnWorker, alternate, dump, median_of, print_table, torchrun_cmd  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sky is blue."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_random_like_default(path: Path) -> str:
@@ -70,9 +63,7 @@ def main() -> None:
     common = [model_dir, PROMPT, str(args.new_tokens)]
     workers = {
         "hf": TurnWorker([sys.executable, str(HERE / "_hf_worker.py"), *common], env),
-        "pp": TurnWorker([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.stages),
-                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"),
-                          *common], env),
+        "pp": TurnWorker(torchrun_cmd(args.stages, HERE / "_pipeline_worker.py", *common), env),
     }
     runs = alternate(workers, args.reps)
     hf, pp = workers["hf"].close(), workers["pp"].close()

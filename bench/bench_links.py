@@ -22,8 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import TurnWorker, dump, median_of, print_table  # noqa: E402
-from bench_decode import PROMPT, free_port  # noqa: E402
+from _common import TurnWorker, dump, median_of, print_table, torchrun_cmd  # noqa: E402
+from bench_decode import PROMPT  # noqa: E402
 
 from torch_pp.transport import FRAME_BYTES, SimulatedLink  # noqa: E402
 
@@ -33,9 +33,7 @@ def run_pipeline(model_dir: str, stages: int, link: str | None, new_tokens: int,
     env.pop("TORCH_PP_SIM_LINK", None)
     if link:
         env["TORCH_PP_SIM_LINK"] = link
-    worker = TurnWorker([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(stages),
-                         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_pipeline_worker.py"),
-                         model_dir, PROMPT, str(new_tokens)], env)
+    worker = TurnWorker(torchrun_cmd(stages, HERE / "_pipeline_worker.py", model_dir, PROMPT, new_tokens), env)
     runs = [worker.ask("run") for _ in range(reps)]
     return {**worker.close(), "ttft_s": median_of(runs, "ttft_s"), "decode_tokens_per_s": median_of(runs, "decode_tokens_per_s")}
 
@@ -44,9 +42,7 @@ def gloo_floor(stages: int, work_ms: float) -> float:
     """Milliseconds per ring hop over raw Gloo when each rank works ``work_ms`` between hops."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "floor.json")
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(stages),
-                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_gloo_floor.py"),
-                        str(work_ms), "60", out], env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+        subprocess.run(torchrun_cmd(stages, HERE / "_gloo_floor.py", work_ms, 60, out), env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(Path(out).read_text())["per_hop_ms"]
 

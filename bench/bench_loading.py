@@ -21,8 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import dump, print_table  # noqa: E402
-from bench_decode import free_port  # noqa: E402
+from _common import dump, print_table, torchrun_cmd  # noqa: E402
 
 
 def write_model(path: Path) -> None:
@@ -53,9 +52,7 @@ def main() -> None:
     total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "_load_worker.py"),
-                        str(folder), tmp], env=env, check=True)
+        subprocess.run(torchrun_cmd(2, HERE / "_load_worker.py", folder, tmp), env=env, check=True)
         ranks = [json.loads((Path(tmp) / f"load{r}.json").read_text()) for r in (0, 1)]
         subprocess.run([sys.executable, str(HERE / "_load_worker.py"), str(folder), tmp, "--hf"], env=env, check=True)
         hf = json.loads((Path(tmp) / "hf.json").read_text())

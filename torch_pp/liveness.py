@@ -134,8 +134,7 @@ class Monitor:
                 if self.store.check(["shutdown"]) and self.rank != 0:
                     reason = self.store.get("shutdown").decode()
                     self._exit(f"torch_pp: rank {self.rank}: the pipeline was stopped on rank 0 ({reason})", 0)
-                if self.store.check(["lost"]):
-                    self._stopping(self.store.get("lost").decode())
+                self._follow_posted_verdict()
                 lost = self._lost_peer(now)
             except Exception as exc:  # noqa: BLE001 - the store's host is gone
                 if self._stop.is_set():
@@ -168,6 +167,11 @@ class Monitor:
         if why is None:
             why = "its process ended" if self.peers[r]["host"] == self.host else f"no heartbeat for {STALE_S:.0f} s (process dead or network down)"
         return f"lost stage {r} on {self.peers[r]['host']} ({role}): {why}"
+
+    def _follow_posted_verdict(self) -> None:
+        """Stop with another rank's verdict, if one was posted."""
+        if self.store.check(["lost"]):
+            self._stopping(self.store.get("lost").decode())
 
     def _declare_lost(self, r: int) -> None:
         """Post the verdict for every survivor, then stop this rank."""
@@ -227,8 +231,7 @@ class Monitor:
             return
         signums = os.read(self._wakeup_r, 64)
         try:
-            if self.store.check(["lost"]):
-                self._stopping(self.store.get("lost").decode())
+            self._follow_posted_verdict()
             lost = self._lost_peer(time.monotonic())
         except Exception:  # noqa: BLE001
             lost = None

@@ -9,9 +9,7 @@ other ranks it serves the stage and returns once rank 0 closes the pipeline.
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from . import __version__
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
 from .plan import PlanError, StagePlan
 from .runtime import Driver, agree, agree_on, serve
-from .sizing import BALANCES, DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
+from .sizing import DEFAULT_RESERVE, check_balance, choose_plan, model_sizes, needs_table, stage_needs
 from .transport import FRAME_BYTES, Transport
 
 
@@ -121,23 +119,6 @@ class Pipeline:
         self.close()
 
 
-def _stage_lost(driver: Driver, verdict: str) -> None:
-    """The liveness verdict reached a driver that keeps its process (a notebook kernel).
-
-    Every later call fails with the verdict. A call blocked on the wire comes back by
-    itself when the lost stage's connection closed (a dead process); if it is still
-    blocked after a few seconds (a machine cut off the network), no Gloo call can be
-    interrupted, so the process ends with the message rather than hang.
-    """
-    driver.lost = verdict
-    deadline = time.monotonic() + 5
-    while driver.in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if driver.in_flight:
-        print(f"torch_pp: error: {verdict}; rank 0 is blocked waiting for that stage and must stop", file=sys.stderr, flush=True)
-        os._exit(1)
-
-
 def start(
     model: str | os.PathLike | None = None,
     *,
@@ -188,8 +169,7 @@ def start(
         model_dir = Path(model) if model is not None else ensure_default_model(progress=show)
         config = read_config(model_dir)
         weight_map(model_dir)  # fail early when weights are missing
-        if balance not in BALANCES:
-            raise PlanError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
+        check_balance(balance)
         dev = pick_device(device, local_rank=transport.local_rank)
         memory = {"host": transport.host, "device": str(dev), "capped": max_memory is not None,
                   "bytes": max_memory if max_memory is not None else memory_available(dev)}
@@ -241,7 +221,7 @@ def start(
             pipe.driver = Driver(transport, device=dev)
             stage.span.runner = pipe.driver.run_remote
             if transport.monitor is not None and not transport.monitor.exit_on_loss:
-                transport.monitor.on_lost = functools.partial(_stage_lost, pipe.driver)
+                transport.monitor.on_lost = pipe.driver.stage_lost
             stage.model.register_forward_pre_hook(lambda *_: pipe.driver.mark_busy())
             stage.model.register_forward_hook(lambda *_: pipe.driver.mark_idle())
             prefill.install(stage.model, stage.span, stages=plan.num_stages, chunk=prefill_chunk)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -208,11 +210,31 @@ class Driver:
         self._send(Message(Op.FREE, {"lane": lane}))
 
     def _send(self, message: Message) -> None:
-        t0 = now()
         with self._flight():
-            with self._send_lock:
-                self.transport.send(message, dst=1)
+            self._put(message)
+
+    def _put(self, message: Message) -> None:
+        """One send to rank 1, serialised between lanes, traced."""
+        with self._send_lock:
+            t0 = now()
+            self.transport.send(message, dst=1)
         self.tracer.add("send", t0, now())
+
+    def stage_lost(self, verdict: str) -> None:
+        """The liveness verdict reached a driver that keeps its process (a notebook kernel).
+
+        Every later call fails with the verdict. A call blocked on the wire comes back by
+        itself when the lost stage's connection closed (a dead process); if it is still
+        blocked after a few seconds (a machine cut off the network), no Gloo call can be
+        interrupted, so the process ends with the message rather than hang.
+        """
+        self.lost = verdict
+        deadline = time.monotonic() + 5
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.in_flight:
+            print(f"torch_pp: error: {verdict}; rank 0 is blocked waiting for that stage and must stop", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _check_lost(self) -> None:
         if self.lost:
@@ -248,11 +270,8 @@ class Driver:
         """
         self._check_lost()
         with _interrupts_held() as held, self._flight():
-            with self._send_lock:
-                t0 = now()
-                self.transport.send(message, dst=1)
+            self._put(message)
             t1 = now()
-            self.tracer.add("send", t0, t1)
             reply = self._await(lane)
             self.tracer.add("wait", t1, now())
         if held.count:

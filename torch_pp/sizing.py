@@ -209,6 +209,12 @@ def compute_plan(sizes: ModelSizes, *, num_stages: int) -> StagePlan:
     return StagePlan(ranges=tuple(zip(bounds[:-1], bounds[1:])), num_layers=n)
 
 
+def check_balance(balance: str) -> None:
+    """Raises PlanError, naming the choices, for an unknown ``balance``."""
+    if balance not in BALANCES:
+        raise PlanError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
+
+
 def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None, balance: str = "memory",
                 available: list[int] | None = None, dtype: str, context: int, batch: int,
                 reserve: int = DEFAULT_RESERVE) -> StagePlan:
@@ -223,10 +229,9 @@ def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None
         plan = even_plan(num_layers=sizes.num_layers, num_stages=num_stages)
     elif balance == "compute":
         plan = compute_plan(sizes, num_stages=num_stages)
-    elif balance == "memory":
-        plan = memory_plan(sizes, available=available, dtype=dtype, context=context, batch=batch, reserve=reserve)
     else:
-        raise PlanError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
+        check_balance(balance)
+        plan = memory_plan(sizes, available=available, dtype=dtype, context=context, batch=batch, reserve=reserve)
     plan.check_world_size(num_stages)
     return plan
 

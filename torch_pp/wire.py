@@ -43,7 +43,6 @@ _DTYPES = {
 
 
 _NAMES = {dt: name for name, dt in _DTYPES.items()}
-_ITEMSIZE = {dt: dt.itemsize for dt in _DTYPES.values()}
 
 
 class Op(enum.IntEnum):
@@ -150,7 +149,7 @@ def unpack(frame: torch.Tensor, rest: torch.Tensor | None = None) -> Message:
     for name, shape, off, nbytes in doc["t"]:
         dtype = _DTYPES[name]
         if nbytes:
-            tensors.append(torch.frombuffer(buffer, dtype=dtype, count=nbytes // _ITEMSIZE[dtype], offset=data_start + off).view(shape))
+            tensors.append(torch.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=data_start + off).view(shape))
         else:
             tensors.append(torch.empty(shape, dtype=dtype))
     return Message(op=Op(op), meta=doc["m"], tensors=tensors)
