@@ -29,7 +29,7 @@ from _common import print_table, timed_generate  # noqa: E402
 import torch_pp  # noqa: E402
 import torch_pp.devices  # noqa: E402
 from torch_pp import perf  # noqa: E402
-from torch_pp.sizing import BALANCES  # noqa: E402
+from torch_pp.options import BALANCES  # noqa: E402
 from torch_pp.trace import now  # noqa: E402
 
 LONG = 1024

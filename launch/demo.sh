@@ -10,5 +10,8 @@ VENV=${TORCH_PP_VENV:-$ROOT/.venv}
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--chat --prompt "What is the capital of France? Answer in two sentences." --max-new-tokens 64)
 cd "$ROOT"
+# One intra-op thread per stage process (two stages share this machine's cores); set here so
+# that torchrun does not print its OMP_NUM_THREADS banner.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$VENV/bin/torchrun" --nnodes 1 --nproc-per-node "${NPROC:-2}" --master-addr 127.0.0.1 \
   --master-port "${MASTER_PORT:-29500}" -m torch_pp generate "${args[@]}"

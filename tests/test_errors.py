@@ -19,6 +19,9 @@ def bad_models(tmp_path_factory, tiny_models):
     no_weights = root / "no-weights"
     no_weights.mkdir()
     shutil.copy(tiny_models["llama"] / "config.json", no_weights / "config.json")
+    bad_json = root / "bad-json"
+    shutil.copytree(tiny_models["llama"], bad_json)
+    (bad_json / "config.json").write_text('{"model_type": "llama", num_hidden_layers: 4}')
     gpt2 = root / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
@@ -27,6 +30,8 @@ def bad_models(tmp_path_factory, tiny_models):
         "no-weights": no_weights,
         "gpt2": gpt2,
         "two-layers": write_tiny_model("llama", root / "two-layers", layers=2),
+        "six-layers": write_tiny_model("llama", root / "six-layers", layers=6),
+        "bad-json": bad_json,
         "missing": root / "does-not-exist",
     }
 
@@ -40,10 +45,17 @@ CASES = [
     ("llama", 2, ["--layers", "0:0,0:4"], "stage 0 (0:0) is empty"),
     ("llama", 2, ["--layers", "0:4"], "the plan has 1 stages (0:4) but 2 ranks were started"),
     ("two-layers", 3, [], "3 stages for a model with 2 layers"),
+    ("six-layers", 7, [], "7 stages for a model with 6 layers"),
+    ("bad-json", 2, [], "bad-json/config.json (in model folder"),
+    ("llama", 2, ["--do-sample", "--top-p", "1.5"], "top_p=1.5 is out of range: it must be a number in (0, 1]"),
+    ("llama", 2, ["--do-sample", "--temperature", "-1"], "temperature=-1.0 is out of range: it must be a number > 0"),
+    ("llama", 2, ["--do-sample", "--top-k", "-1"], "top_k=-1 is out of range"),
+    ("llama", 2, ["--repetition-penalty", "0"], "repetition_penalty=0.0 is out of range"),
+    ("llama", 2, ["--max-new-tokens", "-3"], "max_new_tokens=-3 is out of range"),
 ]
 
 
-@pytest.mark.parametrize("model, nproc, extra, message", CASES, ids=[f"{c[0]}{''.join(c[2])}" for c in CASES])
+@pytest.mark.parametrize("model, nproc, extra, message", CASES, ids=[f"{c[0]}-{c[1]}{''.join(c[2])}" for c in CASES])
 def test_bad_input_fails_every_rank_with_one_message(bad_models, model, nproc, extra, message):
     run = torchrun(
         nproc,

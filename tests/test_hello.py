@@ -33,3 +33,26 @@ def test_simulated_link_specs():
     assert custom.latency_s == 0.002 and custom.gbit_per_s == 1.0
     with pytest.raises(TransportError, match="bad TORCH_PP_SIM_LINK"):
         SimulatedLink.from_spec("fast")
+
+
+def test_nothing_a_peer_sends_is_unpickled():
+    """Start-up facts travel as JSON: no pickle-based collective or loader anywhere in the package."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "torch_pp"
+    risky = {"all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
+             "recv_object_list", "send_object_list", "loads", "load"}
+    found = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{path.name}: import {n}" for n in names if n and n.split(".")[0] in ("pickle", "dill", "cloudpickle")]
+            if isinstance(node, ast.Attribute) and node.attr in risky:
+                base = ast.unparse(node.value)
+                if node.attr in ("loads", "load") and base not in ("torch", "pickle"):
+                    continue  # json.loads and the like
+                found.append(f"{path.name}:{node.lineno}: {base}.{node.attr}")
+    assert found == []

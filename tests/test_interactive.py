@@ -124,3 +124,52 @@ def test_join_workers_started_by_torchrun(tiny_models):
         for w in workers:
             if w.poll() is None:
                 os.killpg(w.pid, signal.SIGKILL)
+
+
+def test_single_stage_local_pipeline(tiny_models):
+    path = tiny_models["llama"]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch_pp.local_pipeline(path, stages=1, progress=False) as pipe:
+        assert psutil.Process().children() == []
+        assert torch.equal(pipe.model.generate(ids, **kw), ref.generate(ids, **kw))
+        assert [s["rank"] for s in pipe.stats()] == [0]
+
+
+def test_a_bad_option_leaves_nothing_behind(tiny_models):
+    """A typo in a notebook cell fails at once, and the next cell starts a pipeline normally."""
+    path = tiny_models["llama"]
+    with pytest.raises(TypeError, match="bogus"):
+        torch_pp.local_pipeline(path, stages=2, bogus=1)
+    with pytest.raises(torch_pp.OptionsError, match="balance"):
+        torch_pp.local_pipeline(path, stages=2, balance="fastest")
+    with pytest.raises(torch_pp.OptionsError, match="prefill_chunk"):
+        torch_pp.local_pipeline(path, stages=2, prefill_chunk=-4)
+    assert psutil.Process().children() == [], "workers started for options that were refused"
+    assert not torch.distributed.is_initialized()
+    # A failure after the group formed (a model folder that does not exist) leaves nothing either.
+    with pytest.raises(torch_pp.StartupError, match="does not exist"):
+        torch_pp.local_pipeline(path.parent / "no-such-model", stages=2, progress=False)
+    assert not torch.distributed.is_initialized()
+    assert wait_gone([p.pid for p in psutil.Process().children()]) == []
+    with torch_pp.local_pipeline(path, stages=2, progress=False) as pipe:
+        ids = torch.tensor([[1, 5, 9, 33]])
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        assert torch.equal(pipe.model.generate(ids, max_new_tokens=6, do_sample=False),
+                           ref.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_a_dropped_pipeline_is_closed_by_the_next_one(tiny_models):
+    """A pipeline whose last reference is dropped without close() does not leak its workers or its group."""
+    import gc
+
+    path = tiny_models["llama"]
+    pipe = torch_pp.local_pipeline(path, stages=2, progress=False)
+    first_workers = [p.pid for p in psutil.Process().children()]
+    del pipe
+    gc.collect()
+    with torch_pp.local_pipeline(path, stages=3, progress=False) as second:
+        assert wait_gone(first_workers) == [], "the dropped pipeline's workers outlived it"
+        assert second.model.generate(torch.tensor([[1, 5]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
+    assert wait_gone([p.pid for p in psutil.Process().children()]) == []

@@ -18,3 +18,21 @@ def test_lanes_equal_transformers_sub_batches(tiny_models, tmp_path, stages):
     assert r["default_forwards"] == stages * 20
     assert r["short_ok"] and r["long_ok"], "a lane finishing early disturbed another"
     assert r["single_after"]
+
+
+def test_a_lane_failure_is_raised_as_itself():
+    """A sub-batch's own error reaches the caller (nothing sent afterwards can mask it)."""
+    import torch
+
+    from torch_pp.lanes import Lanes
+
+    class Boom(RuntimeError):
+        pass
+
+    def generate(*, input_ids, **_):
+        if input_ids[0, 0] == 7:
+            raise Boom("lane B failed")
+        return input_ids
+
+    with pytest.raises(Boom, match="lane B failed"):
+        Lanes(stages=2).generate(generate, lanes=2, pad_with=0, input_ids=torch.tensor([[1, 2], [7, 8]]))

@@ -30,3 +30,5 @@ def test_notebook_runs(path, tmp_path, torch_pp_cache, monkeypatch):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert outputs, "the notebook printed nothing"
+    # The kernel ran in tmp_path, as it would run in notebooks/: nothing may be left beside the notebook.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the notebook wrote files into its own folder"

@@ -97,3 +97,25 @@ def test_a_non_zero_rank_can_convert(tmp_path):
     rows = json.loads((tmp_path / "convert.json").read_text())
     assert rows[0] == rows[1]
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(rows[0])
+
+
+def test_first_screen_reads_cleanly(tmp_path):
+    """The README's main command on a cold cache: one bar per step, no warnings a user cannot act on."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "TORCH_PP_CACHE": str(tmp_path / "cache"), "TORCH_PP_VENV": sys.prefix,
+           "MASTER_PORT": str(__import__("conftest").free_port())}
+    env.pop("OMP_NUM_THREADS", None)
+    run = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), "--chat", "--prompt", PROMPT, "--max-new-tokens", "8"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Paris" in run.stdout
+    screen = run.stderr.replace("\r", "\n")
+    assert "warning" not in screen.lower(), screen[-3000:]
+    assert "OMP_NUM_THREADS" not in screen
+    bars = {line.split(":")[0] for line in screen.splitlines() if "%|" in line}
+    assert bars == {"converting SmolLM2-135M-Instruct.Q4_1.gguf to safetensors (once)", "rank 0"}, bars

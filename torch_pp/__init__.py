@@ -6,16 +6,40 @@ Public surface::
     with torch_pp.start("path/to/hf-model") as pipe:   # under torchrun, on every rank
         if pipe.is_driver:                             # rank 0
             out = pipe.model.generate(input_ids, max_new_tokens=32)
+
+The names below are imported on first use, so that ``python -m torch_pp`` can refuse bad
+command-line input before torch and transformers are imported (seconds per process).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .interactive import close_all, join, local_pipeline  # noqa: E402
-from .pipeline import Pipeline, start  # noqa: E402
-from .plan import PlanError, StagePlan, even_plan, parse_layers  # noqa: E402
-from .runtime import PipelineError, StartupError  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "Pipeline", "PipelineError", "PlanError", "StagePlan", "StartupError",
-    "close_all", "even_plan", "join", "local_pipeline", "parse_layers", "start", "__version__",
-]
+from ._version import __version__
+
+_EXPORTS = {
+    "Pipeline": "pipeline", "start": "pipeline",
+    "close_all": "interactive", "join": "interactive", "local_pipeline": "interactive",
+    "PlanError": "plan", "StagePlan": "plan", "even_plan": "plan", "parse_layers": "plan",
+    "PipelineError": "runtime", "StartupError": "runtime",
+    "StartOptions": "options", "OptionsError": "options",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'torch_pp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .interactive import close_all, join, local_pipeline
+    from .options import OptionsError, StartOptions
+    from .pipeline import Pipeline, start
+    from .plan import PlanError, StagePlan, even_plan, parse_layers
+    from .runtime import PipelineError, StartupError

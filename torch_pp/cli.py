@@ -13,9 +13,7 @@ import os
 import sys
 import warnings
 
-from .devices import DTYPES
-from .sizing import BALANCES
-
+from .options import BALANCES, DTYPE_NAMES, OptionsError, StartOptions, check_generation_args, parse_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--repetition-penalty", type=float)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=list(DTYPES))
+    gen.add_argument("--dtype", choices=list(DTYPE_NAMES))
     gen.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
     gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
     gen.add_argument("--balance", choices=BALANCES, default="memory",
@@ -72,7 +70,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .planning import load_config_only
-    from .sizing import BYTES_PER_PARAM, choose_plan, format_bytes, model_sizes, needs_table, parse_bytes, stage_needs
+    from .sizing import BYTES_PER_PARAM, choose_plan, format_bytes, model_sizes, needs_table, stage_needs
 
     if args.dtype not in BYTES_PER_PARAM:
         raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
@@ -127,18 +125,50 @@ def _quiet_worker(rank: int) -> None:
         logging.getLogger("torch_pp").setLevel(logging.DEBUG)
 
 
-def run_generate(args: argparse.Namespace, transport) -> int:
+def generate_options(args: argparse.Namespace) -> StartOptions:
+    """The start options of ``generate``, checked with its sampling arguments before anything starts.
+
+    Raises:
+        OptionsError: for an option out of range.
+    """
+    check_generation_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.min_new_tokens)
+    return StartOptions(model=args.model, layers=args.layers, balance=args.balance, context=args.context,
+                        max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                        device=args.device, dtype=args.dtype, progress=not args.no_progress)
+
+
+def preflight(options: StartOptions, world_size: int) -> None:
+    """Checks that need only the command line and config.json: seconds before torch is even imported.
+
+    Whatever cannot be read here is left to ``start()``, which reports it from every rank.
+
+    Raises:
+        OptionsError: for more stages than the model has layers.
+    """
+    if options.model is None or options.layers:
+        return
+    import json
+    from pathlib import Path
+
+    try:
+        layers = int(json.loads((Path(options.model) / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if world_size > layers:
+        raise OptionsError(f"{world_size} stages for a model with {layers} layers: every stage needs at least one "
+                           f"layer; start at most {layers} ranks")
+
+
+def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> int:
     import torch
     from transformers import TextStreamer, set_seed
 
-    from . import start
     from .generate import Streamers, TokenTimer
+    from .pipeline import start
 
-    from .sizing import parse_bytes
-
-    pipe = start(args.model, layers=args.layers, balance=args.balance, context=args.context,
-                 max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                 device=args.device, dtype=args.dtype, progress=not args.no_progress, transport=transport)
+    pipe = start(options=options, transport=transport)
     if not pipe.is_driver:
         return 0
     with pipe:
@@ -190,10 +220,25 @@ def run_generate(args: argparse.Namespace, transport) -> int:
     return 0
 
 
+def _reports(rank: int) -> bool:
+    """Whether this rank prints a start-up error: rank 0, and the first rank of every other machine
+    (so that whoever looks at that machine's terminal sees why it stopped)."""
+    return rank == 0 or (os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("GROUP_RANK", "0") != "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m torch_pp``; returns the process exit code."""
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
+    if args.command == "generate":
+        try:  # every rank checks the same command line: one message, and no process group formed
+            options = generate_options(args)
+            preflight(options, int(os.environ.get("WORLD_SIZE", "1")))
+        except OptionsError as exc:
+            if _reports(rank):
+                print(f"{prefix}{exc}", file=sys.stderr)
+            return 1
     _quiet_worker(rank)
     from .devices import DeviceError
     from .generate import UnsupportedGenerationError
@@ -210,12 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             return worker_main(driver=args.driver, rank=args.rank, stages=args.stages, local_rank=args.local_rank)
         transport = Transport.from_env(handle_signals=True)
         if args.command == "generate":
-            return run_generate(args, transport)
+            return run_generate(args, options, transport)
         if args.command == "doctor":
             return run_doctor(args, transport)
     except StartupError as exc:
-        # Every rank got the same error: rank 0 says it, and the first rank of each other machine
-        # too, so that whoever looks at that machine's terminal sees why it stopped.
+        # Every rank got the same error: rank 0 says it, and the first rank of each other machine too.
         other_machine = transport is not None and transport.local_rank == 0 and transport.host != transport.hellos[0]["host"]
         if rank == 0 or other_machine:
             print(f"torch_pp: error: {exc}", file=sys.stderr)
@@ -224,11 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, TransportError) and transport is not None and transport.monitor is not None:
             # A peer probably died: let the liveness monitor name the lost stage (it ends the process).
             transport.monitor.await_verdict()
-        prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
         print(f"{prefix}{exc}", file=sys.stderr)
         return 1
     except (DeviceError, UnsupportedGenerationError, ValueError) as exc:
-        prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
         print(f"{prefix}{exc}", file=sys.stderr)
         return 1
     finally:

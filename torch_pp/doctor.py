@@ -67,7 +67,7 @@ def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: fl
     me = {**t.hellos[t.rank], "rank": t.rank, "device": str(dev), "dtypes": supported_dtypes(dev),
           "memory_available_bytes": memory_available(dev)}
     links = measure_links(t, message_bytes=message_bytes)
-    rows = t.all_gather_object({"node": me, "links": links})
+    rows = t.all_gather({"node": me, "links": links})
     nodes = [r["node"] for r in rows]
     links = [link for r in rows for link in r["links"]]
     warnings, problems = [], []

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .options import check_generation_args
+
 try:  # the enum moved between transformers releases
     from transformers.generation.configuration_utils import GenerationMode
 except ImportError:  # pragma: no cover
@@ -40,14 +42,19 @@ def check_generation_mode(model, kwargs: dict) -> None:
         )
 
 
-def guard_generate(model, *, lanes=None) -> None:
-    """Make ``model.generate`` refuse unsupported modes with a clear error, and accept ``lanes=``.
+def guard_generate(model, *, lanes=None, driver=None) -> None:
+    """Make ``model.generate`` refuse what the pipeline cannot run, clearly, and accept ``lanes=``.
+
+    Refused before anything is sent: modes that reorder or crop the KV cache, and sampling or
+    length arguments out of range (see ``options.check_generation_args``).
 
     Args:
         model: Rank 0's model.
         lanes: The pipeline's ``torch_pp.lanes.Lanes`` (None with a single stage). ``generate(...,
             lanes=L)`` then splits the batch into L concurrently running sub-batches; by default a
             greedy batch of at least as many sequences as stages runs one lane per stage.
+        driver: The pipeline's ``runtime.Driver`` (None with a single stage): after each call it
+            lets the stages drop the caches of finished lanes.
     """
     original = model.generate
 
@@ -55,13 +62,23 @@ def guard_generate(model, *, lanes=None) -> None:
     def generate(*args, **kwargs):
         count = kwargs.pop("lanes", None)
         check_generation_mode(model, kwargs)
+        config = kwargs.get("generation_config") or model.generation_config
+        check_generation_args(**{k: kwargs.get(k, getattr(config, k, None))
+                                 for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                           "max_new_tokens", "min_new_tokens")})
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
+        out = _generate(original, args, kwargs, count)
+        if driver is not None:  # not after a failure: its own error must be what the caller sees
+            driver.release_freed()
+        return out
+
+    def _generate(original, args, kwargs, count):
         ids = kwargs.get("input_ids")
         if lanes is None or ids is None or args:
             return original(*args, **kwargs)
-        if count is None:
-            count = lanes.default_count(ids.shape[0], kwargs)
+        if count is None or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
+            count = lanes.default_count(ids.shape[0], kwargs)  # a given cache is one lane: it cannot be split
         count = max(1, min(int(count), ids.shape[0]))
         if count == 1:
             return original(**kwargs)

@@ -14,18 +14,20 @@ process (a process holds one Gloo group): opening another closes the previous on
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import socket
 import subprocess
 import sys
-import weakref
 
+from .default_model import WORKER_SCRUB
+from .options import StartOptions
 from .pipeline import Pipeline, start
 from .transport import Transport
 
-_open: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
-_workers: dict[int, list[subprocess.Popen]] = {}
+# The open pipeline of this process (at most one: a process holds one Gloo group). Held
+# strongly: a pipeline dropped without close() stays open until the next one starts,
+# close_all() runs, or the process exits, each of which closes it and ends its workers.
+_open: list[Pipeline] = []
 
 
 def _free_port() -> int:
@@ -35,15 +37,21 @@ def _free_port() -> int:
 
 
 def _close_previous() -> None:
-    for pipe in list(_open):
-        pipe.close()
+    while _open:
+        _open.pop().close()
 
 
-def _start_driver(transport: Transport, model, options: dict) -> Pipeline:
-    transport.publish("job", json.dumps({"model": None if model is None else str(model), **options}))
-    pipe = start(model, transport=transport, **options)
-    pipe._owns_transport = True
-    _open.add(pipe)
+def _start_driver(transport: Transport, options: StartOptions) -> Pipeline:
+    """Publish the options for the workers, then start rank 0; on any failure leave no group behind."""
+    try:
+        if transport.world_size > 1:
+            transport.publish("job", options.to_json())
+        pipe = start(options=options, transport=transport)
+    except BaseException:
+        transport.close()
+        raise
+    pipe.owns_transport = True
+    _open.append(pipe)
     return pipe
 
 
@@ -58,10 +66,16 @@ def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **op
 
     Returns:
         The running pipeline; ``pipeline.model.generate(...)`` as with transformers.
+
+    Raises:
+        TypeError, OptionsError: for an unknown or out-of-range option, before anything starts.
     """
+    opts = StartOptions(model=None if model is None else str(model), **options)  # fail before anything starts
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"stages must be a whole number of at least 1, not {stages!r}")
     _close_previous()
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in WORKER_SCRUB}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     procs = [
@@ -72,11 +86,11 @@ def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **op
     try:
         transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True,
                                       exit_on_loss=False)  # a lost worker must not end the kernel
-        pipe = _start_driver(transport, model, options)
+        pipe = _start_driver(transport, opts)
     except BaseException:
         _kill(procs)
         raise
-    _workers[id(pipe)] = procs
+    pipe.on_close.append(lambda: _reap(procs))
     return pipe
 
 
@@ -96,11 +110,15 @@ def join(model=None, *, stages: int, port: int = 29600, **options) -> Pipeline:
         stages: Number of stages, this process included.
         port: Port this process listens on for the workers (on all addresses).
         **options: ``start()`` options, applied on every rank.
+
+    Raises:
+        TypeError, OptionsError: for an unknown or out-of-range option, before anything starts.
     """
+    opts = StartOptions(model=None if model is None else str(model), **options)
     _close_previous()
     transport = Transport.connect(rank=0, world_size=stages, addr="127.0.0.1", port=port, host_store=True,
-                                      exit_on_loss=False)  # a lost worker must not end the kernel
-    return _start_driver(transport, model, options)
+                                  exit_on_loss=False)  # a lost worker must not end the kernel
+    return _start_driver(transport, opts)
 
 
 def close_all() -> None:
@@ -115,8 +133,7 @@ def _kill(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def _reap(pipe: Pipeline) -> None:
-    procs = _workers.pop(id(pipe), [])
+def _reap(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         try:
             p.wait(timeout=15)
@@ -129,10 +146,8 @@ def worker_main(*, driver: str, rank: int, stages: int, local_rank: int = 0) -> 
     """A worker stage: meet the driver at ``driver`` (host:port), take its options, serve until closed."""
     addr, _, port = driver.rpartition(":")
     transport = Transport.connect(rank=rank, world_size=stages, addr=addr, port=int(port), local_rank=local_rank)
-    job = json.loads(transport.fetch("job"))
-    model = job.pop("model")
     try:
-        start(model, transport=transport, **job)
+        start(options=StartOptions.from_json(transport.fetch("job")), transport=transport)
     finally:
         transport.close()
     return 0

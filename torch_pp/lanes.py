@@ -2,47 +2,28 @@
 
 In a plain pipeline only one stage works at a time. A lane is a sequence (or sub-batch)
 with its own KV cache on every stage; while stage 1 works on lane A's step, stage 0 works
-on lane B's. Each lane runs transformers' own ``generate()`` in its own thread on rank 0;
-the driver routes each stage reply to the lane that asked (see ``runtime.Driver``).
-
-Lanes are the mechanism a server will use for concurrent requests: ``lane()`` gives a
-thread its own lane for as long as it needs, and other lanes keep running meanwhile.
+on lane B's. Each rank-0 KV cache object is its own lane (see ``stage.RemoteSpan``), so
+any ``generate()`` calls made at once from several threads run as separate lanes, and the
+driver routes each stage reply to the thread that asked (see ``runtime.Driver``). This
+module splits one batched ``generate()`` call into such concurrent sub-batches.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
-from contextlib import contextmanager
 
 import torch
 
-from .runtime import Driver
-from .stage import RemoteSpan
-
 
 class Lanes:
-    """Lane bookkeeping for one pipeline (rank 0)."""
+    """Splitting generate() calls into concurrent sub-batches (rank 0).
 
-    def __init__(self, span: RemoteSpan, driver: Driver, *, stages: int) -> None:
-        self.span = span
-        self.driver = driver
+    Args:
+        stages: Number of pipeline stages.
+    """
+
+    def __init__(self, *, stages: int) -> None:
         self.stages = stages
-        self._ids = itertools.count(1)  # lane 0 is the default lane of plain calls
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def lane(self):
-        """Run this thread's forwards in a fresh lane; its caches are freed on exit."""
-        with self._lock:
-            lane_id = next(self._ids)
-        previous = self.span.lane
-        self.span.lane = lane_id
-        try:
-            yield lane_id
-        finally:
-            self.span.lane = previous
-            self.driver.free_lane(lane_id)
 
     def default_count(self, batch: int, kwargs: dict) -> int:
         """Lanes for a generate() call when none are asked for: one per stage for a greedy
@@ -51,6 +32,8 @@ class Lanes:
         if self.stages < 2 or batch < self.stages or kwargs.get("do_sample") or kwargs.get("streamer") is not None:
             return 1
         if kwargs.get("return_dict_in_generate") or kwargs.get("num_return_sequences", 1) != 1:
+            return 1
+        if any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
             return 1
         gen_config = kwargs.get("generation_config")
         if gen_config is not None and (gen_config.do_sample or gen_config.return_dict_in_generate):
@@ -70,8 +53,7 @@ class Lanes:
         def run(j: int, rows: torch.Tensor) -> None:
             sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == input_ids.shape[:1] else v) for k, v in kwargs.items()}
             try:
-                with self.lane():
-                    results[j] = generate(input_ids=input_ids[rows], **sub)
+                results[j] = generate(input_ids=input_ids[rows], **sub)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(exc)
 

@@ -18,15 +18,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import struct
+
 import torch
 from accelerate.utils import set_module_tensor_to_device
-import struct
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .plan import StagePlan
-from .stage import RemoteLayer, RemoteSpan, StageRunner
+from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v3")
 SINGLE_FILE = "model.safetensors"
@@ -106,22 +107,40 @@ class LoadedStage:
     weight_bytes: int
 
 
+def config_dict(config_file: Path) -> dict:
+    """A config.json's contents, checked: valid JSON naming a supported ``model_type``.
+
+    Raises:
+        ModelFolderError: naming the file, for a missing or unreadable file, invalid JSON or an
+            unsupported model_type.
+    """
+    if not config_file.is_file():
+        raise ModelFolderError(f"{config_file.parent} has no config.json; point --model at a Hugging Face model folder")
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{config_file} (in model folder {config_file.parent}) is not valid JSON: {exc}; "
+                               "fix the file or copy it again from the model's source") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{config_file} (in model folder {config_file.parent}) holds no JSON object")
+    model_type = data.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelFolderError(
+            f"model_type {model_type!r} in {config_file} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return data
+
+
 def read_config(model_dir: str | os.PathLike):
     """Read and check a model folder's config.
 
     Raises:
-        ModelFolderError: for a missing folder, no config.json, or an unsupported model_type.
+        ModelFolderError: for a missing folder, no or bad config.json, or an unsupported model_type.
     """
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelFolderError(f"model folder {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise ModelFolderError(f"{path} has no config.json; point --model at a Hugging Face model folder")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelFolderError(
-            f"model_type {model_type!r} in {path}/config.json is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    config_dict(path / "config.json")
     return AutoConfig.from_pretrained(path)
 
 
@@ -224,7 +243,7 @@ def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int) -> RemoteSpan |
     if rank == 0:
         if plan.num_stages == 1:
             return None
-        span = RemoteSpan(range(owned.stop, plan.num_layers))
+        span = RemoteSpan(range(owned.stop, plan.num_layers), accepts=layer_arguments(layers[owned.stop]))
         for i in span.layer_indices:
             layers[i] = RemoteLayer(i, span, getattr(layers[i], "attention_type", None))
         return span

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from . import prefill
+from ._version import __version__
 from .default_model import ensure_default_model
 from .devices import dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
-from . import prefill
 from .generate import guard_generate
 from .lanes import Lanes
-from . import __version__
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
+from .options import StartOptions
 from .plan import PlanError, StagePlan
 from .runtime import Driver, agree, agree_on, serve
-from .sizing import DEFAULT_RESERVE, check_balance, choose_plan, model_sizes, needs_table, stage_needs
+from .sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
 from .transport import FRAME_BYTES, Transport
 
 
@@ -38,6 +40,9 @@ class Pipeline:
         model_dir: The Hugging Face model folder.
         plan: Layer ranges per rank.
         transport: The ring's transport.
+        owns_transport: Whether ``close()`` also leaves the process group.
+        on_close: Callbacks run once by ``close()``, after the stages have ended (e.g. reaping
+            the worker processes a notebook started).
         device: This rank's device.
         dtype: This rank's compute dtype.
         stage: This rank's loaded share.
@@ -52,7 +57,8 @@ class Pipeline:
     stage: LoadedStage
     driver: Driver | None = None
     load_s: float = 0.0  # seconds this rank spent reading its weights
-    _owns_transport: bool = False
+    owns_transport: bool = False  # close() also leaves the process group
+    on_close: list[Callable[[], None]] = field(default_factory=list)  # run once, after the stages have ended
     _closed: bool = False
 
     @property
@@ -106,11 +112,12 @@ class Pipeline:
             if not self.driver.lost:  # after a lost stage there is no ring left to go round
                 self.driver.shutdown()
             self.stage.span.runner = None
-        if self._owns_transport:
-            self.transport.close()
-        from . import interactive
-
-        interactive._reap(self)
+        try:
+            if self.owns_transport:
+                self.transport.close()
+        finally:
+            for hook in self.on_close:
+                hook()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -122,22 +129,16 @@ class Pipeline:
 def start(
     model: str | os.PathLike | None = None,
     *,
-    layers: str | None = None,
-    balance: str = "memory",
-    context: int = 4096,
-    batch: int = 1,
-    max_memory: int | None = None,
-    prefill_chunk: int | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: bool = True,
+    options: StartOptions | None = None,
     transport: Transport | None = None,
+    **fields,
 ) -> Pipeline:
     """Start the pipeline on this rank; call it on every rank with the same arguments.
 
     Args:
         model: Hugging Face model folder (config.json, safetensors, tokenizer). None: the
             embedded SmolLM2-135M-Instruct.
+        options: All start options at once (a ``StartOptions``); or give its fields as keywords:
         layers: Manual plan such as ``"0:10,10:30"``; overrides ``balance``.
         balance: ``"memory"`` (layers in proportion to each rank's free memory, counting rank 0's
             embedding and head and the KV cache), ``"compute"`` (equal work per decode token,
@@ -159,54 +160,18 @@ def start(
         closed pipeline, after rank 0 has closed it.
 
     Raises:
+        OptionsError: for an option out of range, before anything is joined.
+        TypeError: for an unknown option, likewise.
         StartupError: on every rank, if any rank could not resolve, plan or load its stage.
     """
+    if options is None:
+        options = StartOptions(model=None if model is None else str(model), **fields)
+    elif fields or model is not None:
+        raise TypeError("start() takes either options=StartOptions(...) or the options as keywords, not both")
     owns = transport is None
     transport = transport or Transport.from_env()
-    show = progress and transport.local_rank == 0
-
-    def prepare():
-        model_dir = Path(model) if model is not None else ensure_default_model(progress=show)
-        config = read_config(model_dir)
-        weight_map(model_dir)  # fail early when weights are missing
-        check_balance(balance)
-        dev = pick_device(device, local_rank=transport.local_rank)
-        memory = {"host": transport.host, "device": str(dev), "capped": max_memory is not None,
-                  "bytes": max_memory if max_memory is not None else memory_available(dev)}
-        return model_dir, config, dev, pick_dtype(dtype, dev), model_fingerprint(model_dir), memory
-
-    def place(config, dt, rows):
-        # Ranks on one machine (or one GPU) share its memory.
-        available = [r["bytes"] if r["capped"] else r["bytes"] // sum((o["host"], o["device"]) == (r["host"], r["device"]) for o in rows)
-                     for r in rows]
-        sizes = model_sizes(config)
-        plan = choose_plan(sizes, num_stages=transport.world_size, layers=layers, balance=balance, available=available,
-                           dtype=dtype_name(dt), context=context, batch=batch)
-        needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=context, batch=batch, available=available,
-                            reserve=DEFAULT_RESERVE)
-        if not all(s.fits for s in needs):
-            raise PlanError(
-                f"the model does not fit this cluster at {dtype_name(dt)} with a {context}-token context:\n"
-                + needs_table(needs) + "\nuse a smaller dtype or context, more machines, or `torch_pp plan` to explore"
-            )
-        return plan
-
     try:
-        model_dir, config, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
-        rows = transport.all_gather_object(memory)
-        plan = agree(transport, lambda: place(config, dt, rows), what="place the model")
-        agree_on(transport, {
-            "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
-            "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": FRAME_BYTES,
-        })
-        transport.describe(layers=plan.ranges[transport.rank])
-        load_start = time.perf_counter()
-        stage, load_s = agree(
-            transport,
-            lambda: (load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),
-                     time.perf_counter() - load_start),
-            what="load the model",
-        )
+        model_dir, plan, dev, dt, stage, load_s = _prepare_and_load(transport, options)
     except BaseException:
         if owns:
             transport.close()
@@ -214,21 +179,79 @@ def start(
     pipe = Pipeline(
         model=stage.model if transport.rank == 0 else None,
         model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, load_s=load_s,
-        _owns_transport=owns,
+        owns_transport=owns,
     )
     if transport.rank == 0:
-        if stage.span is not None:
-            pipe.driver = Driver(transport, device=dev)
-            stage.span.runner = pipe.driver.run_remote
-            if transport.monitor is not None and not transport.monitor.exit_on_loss:
-                transport.monitor.on_lost = pipe.driver.stage_lost
-            stage.model.register_forward_pre_hook(lambda *_: pipe.driver.mark_busy())
-            stage.model.register_forward_hook(lambda *_: pipe.driver.mark_idle())
-            prefill.install(stage.model, stage.span, stages=plan.num_stages, chunk=prefill_chunk)
-        guard_generate(stage.model, lanes=Lanes(stage.span, pipe.driver, stages=plan.num_stages) if pipe.driver else None)
+        _drive(pipe, options)
         return pipe
     try:
         serve(transport, stage.runner, device=dev, describe=pipe.describe)
     finally:
         pipe.close()
     return pipe
+
+
+def _prepare_and_load(transport: Transport, o: StartOptions):
+    """Every rank: resolve the folder and device, agree on a plan, load this rank's share."""
+    show = o.progress and transport.local_rank == 0
+
+    def prepare():
+        # Whichever rank wins the conversion lock converts, so each may show that one bar.
+        model_dir = Path(o.model) if o.model is not None else ensure_default_model(progress=o.progress)
+        config = read_config(model_dir)
+        if not o.layers and transport.world_size > config.num_hidden_layers:  # before any expensive step
+            raise PlanError(f"{transport.world_size} stages for a model with {config.num_hidden_layers} layers: every stage "
+                            f"needs at least one layer; start at most {config.num_hidden_layers} ranks")
+        weight_map(model_dir)  # fail early when weights are missing
+        dev = pick_device(o.device, local_rank=transport.local_rank)
+        memory = {"host": transport.host, "device": str(dev), "capped": o.max_memory is not None,
+                  "bytes": o.max_memory if o.max_memory is not None else memory_available(dev)}
+        return model_dir, config, dev, pick_dtype(o.dtype, dev), model_fingerprint(model_dir), memory
+
+    def place(config, dt, rows):
+        # Ranks on one machine (or one GPU) share its memory.
+        available = [r["bytes"] if r["capped"] else r["bytes"] // sum((q["host"], q["device"]) == (r["host"], r["device"]) for q in rows)
+                     for r in rows]
+        sizes = model_sizes(config)
+        plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance, available=available,
+                           dtype=dtype_name(dt), context=o.context, batch=o.batch)
+        needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=o.context, batch=o.batch, available=available,
+                            reserve=DEFAULT_RESERVE)
+        if not all(s.fits for s in needs):
+            raise PlanError(
+                f"the model does not fit this cluster at {dtype_name(dt)} with a {o.context}-token context:\n"
+                + needs_table(needs) + "\nuse a smaller dtype or context, more machines, or `torch_pp plan` to explore"
+            )
+        return plan
+
+    model_dir, config, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
+    rows = transport.all_gather(memory)
+    plan = agree(transport, lambda: place(config, dt, rows), what="place the model")
+    agree_on(transport, {
+        "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
+        "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": FRAME_BYTES,
+    })
+    transport.describe(layers=plan.ranges[transport.rank])
+    load_start = time.perf_counter()
+    stage, load_s = agree(
+        transport,
+        lambda: (load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),
+                 time.perf_counter() - load_start),
+        what="load the model",
+    )
+    return model_dir, plan, dev, dt, stage, load_s
+
+
+def _drive(pipe: Pipeline, o: StartOptions) -> None:
+    """Rank 0: plug the driver into the model's placeholders and wrap forward and generate."""
+    stage, plan, transport = pipe.stage, pipe.plan, pipe.transport
+    if stage.span is not None:
+        pipe.driver = Driver(transport, device=pipe.device, freed=stage.span.freed)
+        stage.span.runner = pipe.driver.run_remote
+        if transport.monitor is not None and not transport.monitor.exit_on_loss:
+            transport.monitor.on_lost = pipe.driver.stage_lost
+        stage.model.register_forward_pre_hook(lambda *_: pipe.driver.mark_busy())
+        stage.model.register_forward_hook(lambda *_: pipe.driver.mark_idle())
+        prefill.install(stage.model, stage.span, stages=plan.num_stages, local_layers=len(plan.layers_of(0)),
+                        chunk=o.prefill_chunk)
+    guard_generate(stage.model, lanes=Lanes(stages=plan.num_stages) if pipe.driver else None, driver=pipe.driver)

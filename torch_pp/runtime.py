@@ -9,7 +9,9 @@ raised there, while every stage stays ready for the next request or SHUTDOWN.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -56,7 +58,7 @@ def agree(transport: Transport, phase: Callable[[], object], *, what: str) -> ob
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         error = str(exc) or type(exc).__name__
         log.debug("rank %d failed to %s:\n%s", transport.rank, what, traceback.format_exc())
-    rows = transport.all_gather_object({"rank": transport.rank, "host": transport.host, "error": error})
+    rows = transport.all_gather({"rank": transport.rank, "host": transport.host, "error": error})
     failed = [r for r in rows if r["error"]]
     if not failed:
         return result
@@ -80,7 +82,7 @@ def agree_on(transport: Transport, facts: dict[str, object]) -> None:
     Raises:
         StartupError: listing each fact that differs and what each rank has.
     """
-    rows = transport.all_gather_object({"host": transport.host, **facts})
+    rows = transport.all_gather({"host": transport.host, **facts})
     problems = []
     for key in facts:
         values = [row[key] for row in rows]
@@ -126,24 +128,30 @@ def _interrupts_held():
 class Driver:
     """Rank 0's side of the ring: runs the remote layers and controls the session.
 
-    Several lanes may call ``run_remote`` at once from their own threads: sends are
-    serialised, and replies (which come back in the order the requests went out, since
-    every stage works first in, first out) are routed to the thread whose lane they carry.
+    Several threads may call ``run_remote`` at once: sends are serialised, and each reply
+    (tagged with its request's id) is routed to the thread that sent the request. Which KV
+    cache a request uses on the stages (its lane) is separate: see ``stage.RemoteSpan``.
+
+    Args:
+        transport: The ring's transport.
+        device: Rank 0's device.
+        freed: Lanes whose rank-0 cache is gone (filled by ``RemoteSpan``); the driver tells
+            the stages to drop them with its next send.
     """
 
-    CONTROL = -1  # the "lane" of STATS and SHUTDOWN
-
-    def __init__(self, transport: Transport, *, device: torch.device) -> None:
+    def __init__(self, transport: Transport, *, device: torch.device, freed: collections.deque | None = None) -> None:
         self.transport = transport
         self.device = device
         self.remote_s = 0.0  # wall time waiting for the other stages (their compute + the wire)
         self.calls = 0
         self.tracer = Tracer()
+        self.freed = freed if freed is not None else collections.deque()
         self._local = threading.local()  # per thread: start of rank 0's current compute stretch
         self._send_lock = threading.Lock()
+        self._request_ids = itertools.count(1)
         self._recv = threading.Condition()
         self._receiving = False
-        self._stash: dict[int, Message] = {}  # replies that arrived for another lane's thread
+        self._stash: dict[int, Message] = {}  # replies that arrived for another thread
         self.lost: str | None = None  # the liveness verdict, once a stage is lost: every call fails with it
         self.in_flight = 0  # threads inside a send or an exchange
         self._count = threading.Lock()
@@ -170,7 +178,8 @@ class Driver:
         return self.transport.world_size - 1
 
     def run_remote(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
-                   reply: bool = True, keep: int = 0, lane: int = 0) -> torch.Tensor:
+                   reply: bool = True, keep: int = 0, lane: int = 0,
+                   collect: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Send activations round the ring; return the final hidden state on rank 0's device.
 
         Args:
@@ -181,43 +190,51 @@ class Driver:
             reply: False for a pipelined prefill's non-final chunk: send and return at once
                 (``hidden`` comes back as a stand-in), so rank 0 can start the next chunk.
             keep: Return only the last ``keep`` positions, [B, keep, H] (0: all S).
-            lane: Which KV cache the stages use (see ``torch_pp.lanes``).
+            lane: Which KV cache the stages use.
+            collect: Also return every remote layer's output: ``(hidden, [[B, S, H], ...])``.
         """
         self._check_lost()
         start = time.perf_counter()
         busy = self._pause_busy()
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
-        meta.update(reply=reply, keep=keep, lane=lane)
+        meta.update(reply=reply, keep=keep, lane=lane, collect=collect)
         if not reply:
             self._send(Message(Op.FORWARD, meta, tensors))
             if busy:
                 self._local.busy_since = now()
             return hidden
-        answer = self._exchange(Message(Op.FORWARD, meta, tensors), lane=lane)
+        answer = self._exchange(Message(Op.FORWARD, meta, tensors))
         if answer.op == Op.ERROR:
             raise PipelineError(answer.meta["error"])
         if answer.op != Op.RESULT:
             raise PipelineError(f"rank 0 expected RESULT from rank {self.last_rank}, got {answer.op.name}")
-        out = answer.tensors[0].to(self.device)
+        out = [t.to(self.device) for t in answer.tensors]
         self.remote_s += time.perf_counter() - start
         self.calls += 1
         if busy:
             self._local.busy_since = now()
-        return out
+        return (out[0], out[1:]) if collect else out[0]
 
-    def free_lane(self, lane: int) -> None:
-        """Tell every stage to drop ``lane``'s KV cache (no answer is awaited)."""
-        self._send(Message(Op.FREE, {"lane": lane}))
+    def release_freed(self) -> None:
+        """Tell the stages now to drop the lanes whose caches are gone (sends normally carry this along)."""
+        if self.freed and not self.lost:
+            self._send(None)
 
-    def _send(self, message: Message) -> None:
+    def _send(self, message: Message | None) -> None:
         with self._flight():
             self._put(message)
 
-    def _put(self, message: Message) -> None:
-        """One send to rank 1, serialised between lanes, traced."""
+    def _put(self, message: Message | None) -> None:
+        """One send to rank 1 (after any pending FREE), serialised between threads, traced."""
         with self._send_lock:
             t0 = now()
-            self.transport.send(message, dst=1)
+            lanes = []
+            while self.freed:
+                lanes.append(self.freed.popleft())
+            if lanes:
+                self.transport.send(Message(Op.FREE, {"lanes": lanes}), dst=1)
+            if message is not None:
+                self.transport.send(message, dst=1)
         self.tracer.add("send", t0, now())
 
     def stage_lost(self, verdict: str) -> None:
@@ -261,28 +278,30 @@ class Driver:
             self.lost = self.lost or monitor.verdict or str(failure)
             raise PipelineError(f"{self.lost}; this pipeline is closed: start a new one") from failure
 
-    def _exchange(self, message: Message, *, lane: int) -> Message:
-        """Send round the ring and take the reply for ``lane``, even if interrupted in between.
+    def _exchange(self, message: Message) -> Message:
+        """Send round the ring and take this request's reply, even if interrupted in between.
 
         A KeyboardInterrupt (a notebook's interrupt button) that lands after the send is held
         back until the reply is in, so the ring never keeps a stale message and the pipeline
         stays usable; the interrupt is then raised.
         """
         self._check_lost()
+        request = next(self._request_ids)
+        message.meta["req"] = request
         with _interrupts_held() as held, self._flight():
             self._put(message)
             t1 = now()
-            reply = self._await(lane)
+            reply = self._await(request)
             self.tracer.add("wait", t1, now())
         if held.count:
             raise KeyboardInterrupt
         return reply
 
-    def _await(self, lane: int) -> Message:
+    def _await(self, request: int) -> Message:
         with self._recv:
             while True:
-                if lane in self._stash:
-                    return self._stash.pop(lane)
+                if request in self._stash:
+                    return self._stash.pop(request)
                 if not self._receiving:
                     break
                 self._recv.wait()
@@ -290,8 +309,8 @@ class Driver:
         try:
             while True:  # this thread receives for everyone until its own reply arrives
                 msg = self.transport.recv(src=self.last_rank)
-                owner = msg.meta.get("lane", self.CONTROL) if msg.op in (Op.RESULT, Op.ERROR) else self.CONTROL
-                if owner == lane:
+                owner = msg.meta.get("req")
+                if owner == request:
                     return msg
                 with self._recv:
                     self._stash[owner] = msg
@@ -303,14 +322,14 @@ class Driver:
 
     def collect_stats(self, *, spans_since: float | None = None) -> list[dict]:
         """Each remote stage's figures (see ``serve``), in rank order; with their spans if asked."""
-        reply = self._exchange(Message(Op.STATS, {"stages": [], "spans_since": spans_since}), lane=self.CONTROL)
+        reply = self._exchange(Message(Op.STATS, {"stages": [], "spans_since": spans_since}))
         if reply.op != Op.STATS:
             raise PipelineError(f"expected STATS back, got {reply.op.name}")
         return reply.meta["stages"]
 
     def shutdown(self) -> None:
         """End the session on every stage; returns once the message has gone round the ring."""
-        reply = self._exchange(Message(Op.SHUTDOWN), lane=self.CONTROL)
+        reply = self._exchange(Message(Op.SHUTDOWN))
         if reply.op != Op.SHUTDOWN:
             raise PipelineError(f"expected SHUTDOWN back, got {reply.op.name}")
 
@@ -329,32 +348,50 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
     first, last = min(runner.layers), max(runner.layers) + 1
     busy = {"compute_s": 0.0, "forwards": 0}
     tracer = Tracer()
+    failed: dict[int, str] = {}  # lane -> a streamed chunk's failure, reported with that lane's next reply
     while True:
         t_wait = now()
         msg = transport.recv(src=prev)
         t_got = now()
         tracer.add("wait", t_wait, t_got)
         if msg.op == Op.FORWARD:
-            start = time.perf_counter()
-            try:
-                hidden, layer_kwargs, past_len, use_cache = activations.decode(msg.meta, msg.tensors, device=device)
-                lane = msg.meta.get("lane", 0)
-                out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane)
-            except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
-                log.debug("rank %d failed:\n%s", rank, traceback.format_exc())
-                error = f"stage {rank} on {transport.host} (layers {first}:{last}) failed: {exc}"
-                transport.send(Message(Op.ERROR, {"error": error, "lane": msg.meta.get("lane", 0)}), dst=nxt)
+            meta = msg.meta
+            lane, reply, collect = meta.get("lane", 0), meta.get("reply", True), meta.get("collect", False)
+            # Only a message that expects a reply may cause one: a stage that sent ERROR while
+            # rank 0 still streams chunks would wait on rank 0 while rank 0 waits on it.
+            error = failed.pop(lane, None) if reply else failed.get(lane)
+            if error is not None and not reply:
+                continue  # this lane already failed: drop its remaining streamed chunks
+            if error is None:
+                start = time.perf_counter()
+                try:
+                    hidden, layer_kwargs, past_len, use_cache = activations.decode(meta, msg.tensors, device=device)
+                    out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane, collect=collect)
+                except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
+                    log.debug("rank %d failed:\n%s", rank, traceback.format_exc())
+                    error = f"stage {rank} on {transport.host} (layers {first}:{last}) failed: {exc}"
+                    runner.free(lane)  # a half-updated cache must not be used again
+                    if not reply:
+                        failed[lane] = error
+                        continue
+            if error is not None:
+                transport.send(Message(Op.ERROR, {"error": error, "req": meta.get("req")}), dst=nxt)
                 continue
+            out, states = out if collect else (out, [])
             busy["compute_s"] += time.perf_counter() - start
             busy["forwards"] += 1
             t_done = now()
             tracer.add("compute", t_got, t_done)
             if is_last:
-                if msg.meta.get("reply", True):  # a streamed prefill chunk needs no answer
-                    keep = msg.meta.get("keep", 0)
-                    transport.send(Message(Op.RESULT, {"lane": lane}, [out[:, -keep:] if keep else out]), dst=0)
+                if reply:  # a streamed prefill chunk needs no answer
+                    keep = meta.get("keep", 0)
+                    earlier = [msg.tensors[i] for i in meta.get("states", [])]
+                    transport.send(Message(Op.RESULT, {"req": meta.get("req")}, [out[:, -keep:] if keep else out, *earlier, *states]), dst=0)
             else:
                 msg.tensors[0] = out
+                if collect:  # later stages append theirs; the last stage returns them all
+                    meta["states"] = meta.get("states", []) + list(range(len(msg.tensors), len(msg.tensors) + len(states)))
+                    msg.tensors.extend(states)
                 transport.send(msg, dst=nxt)
             tracer.add("send", t_done, now())
         elif msg.op == Op.STATS:
@@ -366,7 +403,9 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
         elif msg.op == Op.ERROR:
             transport.send(msg, dst=nxt)
         elif msg.op == Op.FREE:
-            runner.free(msg.meta["lane"])
+            for lane in msg.meta["lanes"]:
+                runner.free(lane)
+                failed.pop(lane, None)
             if not is_last:
                 transport.send(msg, dst=nxt)
         elif msg.op == Op.SHUTDOWN:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import BALANCES
 from .plan import PlanError, StagePlan, even_plan, parse_layers
 
 # Bytes per parameter; the integer widths are for planning quantised checkpoints.
 BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "8bit": 1.0, "int4": 0.5, "4bit": 0.5}
 KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 2, "8bit": 2, "int4": 2, "4bit": 2}  # caches stay 16-bit
 DEFAULT_RESERVE = 1 * 2**30  # runtime, activations and framework per rank
-BALANCES = ("memory", "compute", "even")
 
 
 @dataclass(frozen=True)
@@ -234,16 +234,6 @@ def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None
         plan = memory_plan(sizes, available=available, dtype=dtype, context=context, batch=batch, reserve=reserve)
     plan.check_world_size(num_stages)
     return plan
-
-
-def parse_bytes(text: str) -> int:
-    """``"128GiB"``, ``"96GB"``, ``"512MiB"`` or a plain number of bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"bad memory size {text!r}; use e.g. 128GiB, 96GB or 512MiB")
-    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
-    scale = {"B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
 
 
 def format_bytes(n: int | None) -> str:

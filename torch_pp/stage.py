@@ -13,8 +13,12 @@ arguments shipped from rank 0. Nothing here imports torch.distributed.
 
 from __future__ import annotations
 
+import collections
 import inspect
+import itertools
 import threading
+import typing
+import weakref
 from typing import Callable
 
 import torch
@@ -40,34 +44,84 @@ def cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _per_thread(name: str, doc: str) -> property:
-    """An attribute of RemoteSpan that each thread (each lane) sees on its own."""
-    return property(lambda self: getattr(self._state(), name), lambda self, v: setattr(self._state(), name, v), doc=doc)
+def layer_arguments(layer: nn.Module) -> frozenset[str] | None:
+    """The keyword arguments a decoder layer's forward can consume, or None if it takes any.
+
+    transformers threads every keyword of ``generate()``/``forward()`` through to the layers
+    (a ``tokenizer`` for ``stop_strings``, say). Only the layer's named parameters and the
+    keys of its typed ``**kwargs`` (``Unpack[TransformersKwargs]``) can matter to it, so
+    only those travel; anything else would at best be ignored on the other stage.
+    """
+    names: set[str] = set()
+    for name, param in inspect.signature(layer.forward).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            typed = typing.get_args(param.annotation)  # Unpack[SomeTypedDict] -> (SomeTypedDict,)
+            if not (typed and hasattr(typed[0], "__optional_keys__")):
+                return None  # untyped **kwargs: it may read anything
+            names |= typed[0].__optional_keys__ | typed[0].__required_keys__
+        elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
+            names.add(name)
+    return frozenset(names - {"hidden_states", *CACHE_KWARGS})
 
 
 class RemoteSpan:
     """On rank 0: collects the arguments of the layers other ranks own, then runs them remotely.
 
+    Every KV cache object on rank 0 gets its own lane (its own caches on the stages), so
+    concurrent ``generate()`` calls from several threads never share stage caches, and a
+    call that continues from a returned ``past_key_values`` finds its lane again. When a
+    cache object is garbage-collected its lane id is queued in ``freed`` for the driver to
+    release on the stages.
+
     Args:
         layer_indices: The contiguous global layer indices owned by other ranks.
+        accepts: The keyword arguments the decoder layers consume (see ``layer_arguments``);
+            None sends every argument.
     """
 
-    def __init__(self, layer_indices: range) -> None:
+    def __init__(self, layer_indices: range, *, accepts: frozenset[str] | None = None) -> None:
         self.layer_indices = layer_indices
+        self.accepts = accepts
         self.runner: Runner | None = None
-        # Per thread: several lanes may run forwards at once, each in its own thread.
+        self.freed: collections.deque[int] = collections.deque()  # appended by finalizers, in any thread
+        self._lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lane_ids = itertools.count(1)  # lane 0: forwards without a cache
+        self._lane_lock = threading.Lock()
+        # Per thread: several threads may run forwards at once.
         self._local = threading.local()
 
     def _state(self):
         st = self._local
         if not hasattr(st, "pending"):
-            st.pending, st.past_len, st.sentinels = {}, 0, set()
-            st.reply, st.keep, st.lane = True, 0, 0
+            st.pending, st.past_len, st.sentinels, st.lane = {}, 0, set(), 0
+            st.reply, st.keep, st.collect, st.states = True, 0, False, None
         return st
 
-    reply = _per_thread("reply", "False while a pipelined prefill streams its non-final chunks.")
-    keep = _per_thread("keep", "Last positions whose hidden state rank 0 needs back (0: all).")
-    lane = _per_thread("lane", "Which KV cache the stages use for this thread's forwards (see torch_pp.lanes).")
+    def set_stream(self, *, reply: bool = True, keep: int = 0) -> None:
+        """For this thread's next forwards: ``reply`` False while a pipelined prefill streams its
+        non-final chunks; ``keep``: the last positions whose hidden state rank 0 needs back (0: all)."""
+        st = self._state()
+        st.reply, st.keep = reply, keep
+
+    def collect_states(self, on: bool) -> list[torch.Tensor] | None:
+        """Turn on (or off) returning every remote layer's output for this thread's forwards.
+
+        Returns:
+            When turning off: ``[input of the span, output of each remote layer...]`` from the
+            last forward, or None if no forward ran meanwhile.
+        """
+        st = self._state()
+        st.collect, states, st.states = on, st.states, None
+        return states
+
+    def lane_of(self, cache) -> int:
+        """The lane of a rank-0 KV cache object (a new one on first sight)."""
+        with self._lane_lock:
+            lane = self._lanes.get(cache)
+            if lane is None:
+                lane = self._lanes[cache] = next(self._lane_ids)
+                weakref.finalize(cache, self.freed.append, lane)
+        return lane
 
     def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
@@ -77,6 +131,7 @@ class RemoteSpan:
             st.pending = {}
             st.past_len = cache.get_seq_length(layer_idx) if use_cache else 0
             st.sentinels = _sentinel_layers(cache, self.layer_indices) if use_cache else set()
+            st.lane = self.lane_of(cache) if use_cache else 0
         if use_cache:
             if not isinstance(cache, DynamicCache):
                 raise StageError(
@@ -90,13 +145,20 @@ class RemoteSpan:
                 batch, q_len = hidden.shape[0], hidden.shape[1]
                 stand_in = hidden.new_zeros(batch, 1, q_len, 1)
                 cache.update(stand_in, stand_in, layer_idx)
-        st.pending[layer_idx] = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+        st.pending[layer_idx] = {k: v for k, v in kwargs.items()
+                                 if k not in CACHE_KWARGS and (self.accepts is None or k in self.accepts)}
         if layer_idx != self.layer_indices.stop - 1:
             return hidden
         if self.runner is None:
             raise StageError("the pipeline is closed: start it again before running the model")
         pending, st.pending = st.pending, {}
-        return self.runner(hidden, pending, past_len=st.past_len, use_cache=use_cache, reply=st.reply, keep=st.keep, lane=st.lane)
+        out = self.runner(hidden, pending, past_len=st.past_len, use_cache=use_cache, reply=st.reply,
+                          keep=0 if st.collect else st.keep, lane=st.lane, collect=st.collect)
+        if not st.collect:
+            return out
+        out, states = out
+        st.states = [hidden, *states]
+        return out
 
 
 def _sentinel_layers(cache: DynamicCache, remote: range) -> set[int]:
@@ -142,8 +204,11 @@ class StageRunner:
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
-                lane: int = 0) -> torch.Tensor:
-        """Run every owned layer on ``hidden`` [B, S, H] with ``lane``'s cache; returns [B, S, H]."""
+                lane: int = 0, collect: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run every owned layer on ``hidden`` [B, S, H] with ``lane``'s cache; returns [B, S, H].
+
+        With ``collect``, returns ``(hidden, [each owned layer's output, [B, S, H]...])``.
+        """
         cache = None
         if use_cache:
             if past_len == 0:
@@ -152,17 +217,20 @@ class StageRunner:
             if cache is None or seen != past_len:
                 raise StageError(
                     f"KV cache of lane {lane} out of step: this stage holds {max(seen, 0)} tokens, rank 0 expects {past_len}. "
-                    "Beam search, assisted decoding and cache cropping are not supported"
+                    "Beam search, assisted decoding, cache cropping and copied caches are not supported"
                 )
+        states = []
         for idx, layer in self.layers.items():
             kwargs = dict(layer_kwargs[idx])
             kwargs[self.cache_kw] = cache
             hidden = layer(hidden, **kwargs)
             if isinstance(hidden, tuple):  # older layer classes return (hidden, ...)
                 hidden = hidden[0]
+            if collect:
+                states.append(hidden)
         if use_cache:
             self.caches[lane] = (cache, past_len + hidden.shape[1])
-        return hidden
+        return (hidden, states) if collect else hidden
 
     def free(self, lane: int) -> None:
         """Drop one lane's KV cache (its sequence is finished)."""

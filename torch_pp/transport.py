@@ -86,7 +86,7 @@ def local_info() -> dict:
     """This process's facts for the start-up hello and ``doctor``."""
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
     return {
@@ -164,6 +164,7 @@ class Transport:
         self.link = SimulatedLink.from_spec(os.environ.get("TORCH_PP_SIM_LINK"))
         self._owns_group = owns_group
         self._seq = 0
+        self._gathers = 0
         self._frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
 
     @classmethod
@@ -287,13 +288,27 @@ class Transport:
             raise TransportError(f"rank {self.rank} lost the connection to rank {src}: {exc}") from exc
         return wire.unpack(frame, rest)
 
-    def all_gather_object(self, obj: object) -> list:
-        """Every rank's ``obj``, in rank order (start-up agreement only)."""
+    def all_gather(self, obj: object) -> list:
+        """Every rank's ``obj`` (JSON-able), in rank order: the start-up agreement's collective.
+
+        It goes through the rendezvous store as JSON, never pickle: unpickling what a peer sent
+        would let anyone who reaches the master port run code on every rank.
+
+        Raises:
+            TransportError: if some rank does not post within ``TORCH_PP_JOIN_TIMEOUT``, naming it.
+        """
         if self.world_size == 1:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+            return [json.loads(json.dumps(obj))]
+        self._gathers += 1
+        keys = [f"gather/{self._gathers}/{r}" for r in range(self.world_size)]
+        self._store.set(keys[self.rank], json.dumps(obj))
+        try:
+            self._store.wait(keys, timedelta(seconds=HELLO_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001
+            missing = [r for r, k in enumerate(keys) if not self._store.check([k])]
+            who = ", ".join(f"rank {r} ({self.hellos[r]['host']})" for r in missing) or "a rank"
+            raise TransportError(f"rank {self.rank} waited {HELLO_TIMEOUT_S:.0f} s at start-up for {who}: {exc}") from exc
+        return [json.loads(self._store.get(k)) for k in keys]
 
     def describe(self, *, layers: tuple[int, int]) -> None:
         """Tell the other ranks' liveness monitors what this rank serves."""

@@ -54,7 +54,7 @@ class Op(enum.IntEnum):
     ERROR = 4     # a stage failed; meta["error"] says how; forwarded to rank 0
     STATS = 5     # each stage appends its figures to meta["stages"]
     PING = 6      # doctor's link measurements: echo or acknowledge
-    FREE = 7      # drop a lane's KV cache; forwarded round the ring, no answer
+    FREE = 7      # drop lanes' KV caches (meta["lanes"]); forwarded round the ring, no answer
 
 
 class WireError(RuntimeError):

@@ -11,7 +11,7 @@ t = Transport.from_env()
 if t.rank == 0:
     time.sleep(4)  # let rank 1 take the lock and convert inside an initialised process group
 path = ensure_default_model(progress=False)
-rows = t.all_gather_object(sorted(os.listdir(path)))
+rows = t.all_gather(sorted(os.listdir(path)))
 if t.rank == 0:
     with open(os.path.join(os.environ["OUT"], "convert.json"), "w") as f:
         json.dump(rows, f)

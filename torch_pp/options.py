@@ -1,0 +1,109 @@
+"""Start options and generation-argument checks, validated before anything joins or loads.
+
+``StartOptions`` is the one description of how a pipeline starts: ``start()`` takes it,
+the CLI builds it from its flags, and a notebook driver sends it to its workers as JSON.
+It validates itself on construction, so a typo or an out-of-range value fails at once, on
+the caller's side, before any process group exists. Pure: imports neither torch nor
+transformers, so the command line can refuse bad input in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+
+BALANCES = ("memory", "compute", "even")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"(cpu|mps|auto|cuda(:\d+)?)")
+
+
+class OptionsError(ValueError):
+    """An option out of range or of the wrong kind; the message names it and what is valid."""
+
+
+def parse_bytes(text: str) -> int:
+    """``"128GiB"``, ``"96GB"``, ``"512MiB"`` or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise OptionsError(f"bad memory size {text!r}; use e.g. 128GiB, 96GB or 512MiB")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    scale = {"B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """How a pipeline starts; the same on every rank. See ``torch_pp.start`` for each field.
+
+    Raises:
+        OptionsError: on construction, for a value out of range (the message names the field).
+    """
+
+    model: str | None = None
+    layers: str | None = None
+    balance: str = "memory"
+    context: int = 4096
+    batch: int = 1
+    max_memory: int | None = None
+    prefill_chunk: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            object.__setattr__(self, "model", str(self.model))
+        if self.balance not in BALANCES:
+            raise OptionsError(f"balance must be one of {', '.join(BALANCES)}, not {self.balance!r}")
+        for name in ("context", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OptionsError(f"{name} must be a whole number of at least 1, not {value!r}")
+        if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory <= 0):
+            raise OptionsError(f"max_memory must be a positive number of bytes, not {self.max_memory!r}")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0):
+            raise OptionsError(f"prefill_chunk must be None (automatic), 0 (off) or a positive token count, not {self.prefill_chunk!r}")
+        if self.dtype not in (None, "", "auto", *DTYPE_NAMES):
+            raise OptionsError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+        if self.device not in (None, "") and not _DEVICE.fullmatch(str(self.device)):
+            raise OptionsError(f"unsupported device {self.device!r}; use cpu, cuda, cuda:N or mps")
+        if self.layers is not None and not re.fullmatch(r"\s*\d+:\d+(\s*,\s*\d+:\d+)*\s*", self.layers):
+            raise OptionsError(f"bad --layers {self.layers!r}; expected one START:END per rank, e.g. 0:10,10:30")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "StartOptions":
+        return cls(**json.loads(text))
+
+
+# name -> (accepts(value), the valid range in words); transformers' own processors refuse most of
+# these only once generation starts, and silently ignore a top_p above 1.
+_SAMPLING = {
+    "temperature": (lambda v: v > 0, "a number > 0"),
+    "top_k": (lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0 (0: off)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "a number > 0 (1: off)"),
+    "max_new_tokens": (lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0"),
+    "min_new_tokens": (lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0"),
+}
+
+
+def check_generation_args(**values) -> None:
+    """Refuse sampling and length arguments out of range, naming the argument and its valid range.
+
+    None means "not given" and is accepted.
+
+    Raises:
+        OptionsError: for the first argument out of range.
+    """
+    for name, value in values.items():
+        if value is None or name not in _SAMPLING:
+            continue
+        accepts, valid = _SAMPLING[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not accepts(value):
+            raise OptionsError(f"{name}={value!r} is out of range: it must be {valid}")
