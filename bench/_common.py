@@ -75,12 +75,14 @@ MARK = "BENCH "
 
 
 def serve_turns(run_once, finish) -> None:
-    """Worker side: answer each ``run`` line on stdin with ``run_once()``, ``quit`` with ``finish()``."""
+    """Worker side: answer each ``run`` line on stdin with ``run_once()`` (``run {json}``: with that
+    spec as its argument), ``quit`` with ``finish()``."""
     print(MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "run":
-            print(MARK + json.dumps(run_once()), flush=True)
-        elif line.strip() == "quit":
+        word, _, spec = line.strip().partition(" ")
+        if word == "run":
+            print(MARK + json.dumps(run_once(json.loads(spec)) if spec else run_once()), flush=True)
+        elif word == "quit":
             print(MARK + json.dumps(finish()), flush=True)
             return
 

@@ -4,7 +4,6 @@ Loads the model, then answers the orchestrator's turns (see ``_common.serve_turn
 """
 
 import os
-import resource
 import sys
 
 import torch
@@ -12,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import make_inputs, serve_turns, timed_generate  # noqa: E402
+
+from torch_pp.devices import peak_rss_bytes  # noqa: E402
 
 model_dir, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(1)
@@ -26,7 +27,7 @@ timed_generate(model, inputs, new_tokens=4)  # warm-up
 def peak() -> int:
     if DEVICE.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 serve_turns(lambda: timed_generate(model, inputs, new_tokens=new_tokens), lambda: {"peak_memory_bytes": peak()})

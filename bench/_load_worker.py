@@ -3,16 +3,13 @@
 import json
 import os
 import re
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from torch_pp.devices import peak_rss_bytes as peak
 
 
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])

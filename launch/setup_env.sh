@@ -14,6 +14,18 @@ pip_install() {
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
 }
 
+# Up-front checks with a message (a stock Mac's python3 is Apple's 3.9; torch 2.13 needs macOS 14).
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "setup: torch_pp needs Python 3.10 or newer; $PYTHON is $("$PYTHON" -V 2>&1). Install one (python.org, Homebrew or uv) and run again with PYTHON=/path/to/python3.12" >&2
+  exit 1
+fi
+if [ "$(uname -s)" = Darwin ]; then
+  macos=$(sw_vers -productVersion 2>/dev/null || echo 0)
+  if [ "${macos%%.*}" -lt 14 ]; then
+    echo "setup: torch_pp needs macOS 14 (Sonoma) or newer for torch 2.13 and bf16 on MPS; this Mac runs $macos" >&2
+    exit 1
+  fi
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then

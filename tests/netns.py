@@ -68,11 +68,33 @@ class Cluster:
         subprocess.run(["ip", "netns", "exec", self.names[i], "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
                         "rate", rate, "burst", "1mb", "latency", "100ms"], check=True, capture_output=True)
 
-    def node(self, i: int, args: list[str], *, env: dict | None = None, port: int = 29600) -> subprocess.Popen:
+    def add_ipv6(self, i: int) -> str:
+        """Give host i's eth0 a global IPv6 address too (Gloo must still use the IPv4 one)."""
+        addr = f"fd77:{self.subnet}::{i + 1}"
+        _ip("-n", self.names[i], "-6", "addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
+        return addr
+
+    def add_unreachable_link(self, i: int) -> str:
+        """Give host i a second interface, eth1, whose subnet the other hosts route to a neighbour that
+        does not exist: packets to it vanish, as behind a firewall that drops them. Returns its address."""
+        a, b = f"{self.tag}{i}x", f"{self.tag}{i}y"
+        _ip("link", "add", a, "type", "veth", "peer", "name", b)
+        _ip("link", "set", a, "netns", self.names[i])
+        _ip("link", "set", b, "netns", self.hub)  # left out of the bridge
+        _ip("-n", self.names[i], "link", "set", a, "name", "eth1")
+        addr = f"10.66.{self.subnet}.{i + 1}"
+        _ip("-n", self.names[i], "addr", "add", f"{addr}/24", "dev", "eth1")
+        _ip("-n", self.names[i], "link", "set", "eth1", "up")
+        for j, ns in enumerate(self.names):
+            if j != i:
+                _ip("-n", ns, "route", "add", f"10.66.{self.subnet}.0/24", "via", f"10.77.{self.subnet}.250")
+        return addr
+
+    def node(self, i: int, args: list[str], *, env: dict | None = None, port: int = 29600, iface: str = "eth0") -> subprocess.Popen:
         """Start ``launch/node.sh`` on host i with ``-- args``."""
         launch = [
             "bash", str(ROOT / "launch" / "node.sh"), "--nnodes", str(self.n), "--node-rank", str(i),
-            "--master-addr", self.addr(0), "--master-port", str(port), "--iface", "eth0", "--threads", "1", "--", *args,
+            "--master-addr", self.addr(0), "--master-port", str(port), "--iface", iface, "--threads", "1", "--", *args,
         ]
         cmd = ["ip", "netns", "exec", self.names[i], "unshare", "--uts", "sh", "-c", f'hostname host{i} && exec "$@"', "sh", *launch]
         full_env = {**os.environ, "TORCH_PP_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -250,3 +250,19 @@ def test_unsent_keyword_arguments_do_not_reach_the_wire(setup):
     assert span.accepts is not None and "attention_mask" in span.accepts and "tokenizer" not in span.accepts
     ours = pipe.model(PROMPT, tokenizer=tok, some_callback=lambda: None)
     torch.testing.assert_close(ours.logits, ref(PROMPT).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_one_thread_at_a_time_computes_on_rank_0(setup):
+    """Lanes run in threads; their device work on rank 0 takes turns (MPS aborts on concurrent use)."""
+    from torch_pp.trace import now
+
+    pipe, ref, _ = setup
+    batch = torch.randint(3, VOCAB, (6, 8), generator=torch.Generator().manual_seed(2))
+    t0 = now()
+    out = pipe.model.generate(batch, lanes=3, pad_token_id=0, **GREEDY)
+    parts = torch.tensor_split(torch.arange(6), 3)
+    assert torch.equal(out, torch.cat([ref.generate(batch[p], pad_token_id=0, **GREEDY) for p in parts]))
+    spans = sorted((a, b) for name, a, b in pipe.driver.tracer.since(t0) if name == "compute")
+    assert len(spans) >= 3 * 10
+    overlaps = [(x, y) for x, y in zip(spans, spans[1:]) if y[0] < x[1] - 1e-6]
+    assert overlaps == [], f"{len(overlaps)} of {len(spans)} compute spans overlap"

@@ -125,3 +125,39 @@ def test_doctor_measures_a_capped_link(tmp_path):
     assert 0.7 <= capped <= 1.3, f"capped link measured {capped:.2f} Gbit/s"
     assert links[(0, 1)]["gbit_per_s"] > 1.5, "the uncapped direction should be faster"
     assert all(l["latency_ms"] > 0 for l in links.values())
+
+
+def test_ipv6_on_the_link_gloo_still_uses_ipv4(tmp_path):
+    """A link with an IPv6 address as well (as a Mac's bridge0 has): the group forms over IPv4 and
+    what doctor reports is the address Gloo uses."""
+    with netns.Cluster(2, subnet=50) as cluster:
+        for i in range(2):
+            cluster.add_ipv6(i)
+        outs = run_cluster(cluster, ["doctor", "--output", "json"], timeout=180)
+    for code, _, err in outs:
+        assert code == 0, err[-3000:]
+    report = json.loads(outs[0][1].strip().splitlines()[-1])
+    assert [n["gloo_address"] for n in report["nodes"]] == ["10.77.50.1", "10.77.50.2"]
+    assert [n["address"] for n in report["nodes"]] == ["10.77.50.1", "10.77.50.2"]
+
+
+def test_a_join_that_cannot_connect_gives_up_in_time(tmp_path):
+    """Host 1 advertises an address host 0 cannot reach (packets vanish): every rank stops within
+    TORCH_PP_JOIN_TIMEOUT, naming the rank it could not reach, instead of waiting forever."""
+    model = write_tiny_model("llama", tmp_path / "m")
+    with netns.Cluster(2, subnet=60) as cluster:
+        bad = cluster.add_unreachable_link(1)
+        port = free_port()
+        env = {"TORCH_PP_JOIN_TIMEOUT": "10"}
+        args = ["generate", "--model", str(model), "--prompt", "hi", "--no-progress"]
+        start = time.monotonic()
+        procs = [cluster.node(0, args, port=port, env=env), cluster.node(1, args, port=port, env=env, iface="eth1")]
+        outs = [p.communicate(timeout=120) for p in procs]
+        seconds = time.monotonic() - start
+    for p in procs:
+        assert p.returncode != 0
+    assert seconds < 40, f"took {seconds:.0f} s"
+    err0, err1 = outs[0][1], outs[1][1]
+    assert f"could not connect to rank 1 on host1 ({bad})" in err0, err0[-3000:]
+    assert "TORCH_PP_JOIN_TIMEOUT" in err0
+    assert "could not connect to rank 0 on host0 (10.77.60.1)" in err1, err1[-3000:]

@@ -35,8 +35,10 @@ def test_trace_has_spans_for_every_stage(tiny_models, tmp_path):
     waits = sum(b - a for name, a, b in stages[0]["spans"] if name == "wait" and a >= t0 and b <= t1)
     remote = sum(b["compute_s"] for b in shares[1:])
     assert waits >= 0.9 * remote, (waits, remote)
-    for b in shares[1:]:  # a remote stage idles at least while the others compute
-        others = sum(o["compute_s"] for o in shares if o is not b)
-        assert b["idle_s"] >= 0.9 * others, (b, others)
+    # One stream: no two stages ever compute at the same moment (up to the processes' clock offsets).
+    compute = {s["rank"]: [(a, b) for name, a, b in s["spans"] if name == "compute" and b > t0 and a < t1] for s in stages}
+    overlap = sum(max(0.0, min(b1, b2) - max(a1, a2))
+                  for r1 in compute for r2 in compute if r1 < r2 for a1, b1 in compute[r1] for a2, b2 in compute[r2])
+    assert overlap < 1e-3, f"stages computed at once for {overlap * 1000:.2f} ms"
     perf.plot_timeline(stages, str(tmp_path / "timeline.png"), start=t0, end=t1)
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

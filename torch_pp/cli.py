@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from .devices import DeviceError
     from .generate import UnsupportedGenerationError
     from .runtime import PipelineError, StartupError
+    from .machine import same_machine
     from .transport import Transport, TransportError
 
     transport = None
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_doctor(args, transport)
     except StartupError as exc:
         # Every rank got the same error: rank 0 says it, and the first rank of each other machine too.
-        other_machine = transport is not None and transport.local_rank == 0 and transport.host != transport.hellos[0]["host"]
+        other_machine = (transport is not None and transport.local_rank == 0
+                         and not same_machine(transport.hellos[transport.rank], transport.hellos[0]))
         if rank == 0 or other_machine:
             print(f"torch_pp: error: {exc}", file=sys.stderr)
         return 1

@@ -7,10 +7,11 @@ only decides where the math runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import platform
 import resource
 import sys
+import threading
 
 import torch
 
@@ -54,7 +55,7 @@ def pick_device(requested: str | None = None, *, local_rank: int = 0) -> torch.d
 
 
 def supported_dtypes(device: torch.device) -> list[str]:
-    """Names of the floating dtypes that work on ``device``."""
+    """Names of the floating dtypes that work on ``device`` (never float64: MPS lacks it)."""
     if device.type == "cuda":
         names = ["float32", "float16"]
         if torch.cuda.is_bf16_supported():
@@ -62,28 +63,46 @@ def supported_dtypes(device: torch.device) -> list[str]:
         return names
     if device.type == "mps":
         names = ["float32", "float16"]
-        if _macos_major() >= 14:  # bf16 on MPS needs macOS 14+
+        if torch.backends.mps.is_macos_or_newer(14, 0):  # bf16 on MPS needs macOS 14+
             names.append("bfloat16")
         return names
     return ["float32", "float16", "bfloat16"]
 
 
-def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """Return the compute dtype: the request if the device supports it, else a sensible default.
+def default_dtype(device_type: str, checkpoint: str | None, supported: list[str]) -> str:
+    """The compute dtype when none is asked for.
 
-    Defaults: float32 on CPU (fast and exact there), bfloat16 on CUDA when supported,
-    float16 on MPS.
+    CPU: float32 (fast and exact there). An accelerator: the checkpoint's own 16-bit dtype where
+    the device has it; a float32 (or unknown) checkpoint runs in bfloat16 where available. float16
+    is never chosen for a checkpoint that is not float16: bf16-trained weights overflow in fp16
+    (Qwen2 prints "!!!!", DeepSeek gives NaN); MPS then falls back to float32, CUDA to float16 only
+    when the card has no bf16 at all (pre-Ampere, where fp16 is what such cards run).
+    """
+    if device_type == "cpu":
+        return "float32"
+    if checkpoint in ("bfloat16", "float16") and checkpoint in supported:
+        return checkpoint
+    if "bfloat16" in supported:
+        return "bfloat16"
+    if checkpoint == "float16" or device_type == "cuda":
+        return "float16"
+    return "float32"
+
+
+def pick_dtype(requested: str | None, device: torch.device, checkpoint: str | None = None) -> torch.dtype:
+    """Return the compute dtype: the request if the device supports it, else ``default_dtype``.
+
+    Args:
+        requested: A dtype name, or None/"auto" for the default.
+        device: Where the stage computes.
+        checkpoint: The checkpoint's own dtype name (config ``dtype``/``torch_dtype``), if known.
 
     Raises:
         DeviceError: for a dtype the device cannot run (float64 is never offered: MPS lacks it).
     """
     allowed = supported_dtypes(device)
     if requested in (None, "", "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if "bfloat16" in allowed else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.float32
+        return DTYPES[default_dtype(device.type, checkpoint, allowed)]
     if requested not in DTYPES:
         raise DeviceError(f"unsupported dtype {requested!r}; choose one of {', '.join(DTYPES)}")
     if requested not in allowed:
@@ -91,31 +110,80 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
+def checkpoint_dtype(config) -> str | None:
+    """The dtype a model's config says its weights are stored in, as a name (or None)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return dtype_name(value) if isinstance(value, torch.dtype) else (value if isinstance(value, str) else None)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: device allocations on CUDA, else the process's peak RSS."""
+    """Peak memory of this process: device allocations on CUDA; on a Mac, the lifetime peak physical
+    footprint (unified memory: it counts Metal buffers too); else the peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    rss = rss if sys.platform == "darwin" else rss * 1024
-    if device.type == "mps":
-        return max(rss, int(torch.mps.driver_allocated_memory()))
-    return int(rss)
+    if sys.platform == "darwin":
+        footprint = _darwin_peak_footprint()
+        if footprint:
+            return footprint
+    return peak_rss_bytes()
+
+
+def _darwin_peak_footprint() -> int | None:
+    """``ri_lifetime_max_phys_footprint`` from libproc's ``proc_pid_rusage`` (RUSAGE_INFO_V4)."""
+    import ctypes
+    import ctypes.util
+
+    class RusageInfoV4(ctypes.Structure):  # <sys/resource.h>, struct rusage_info_v4
+        _fields_ = [("ri_uuid", ctypes.c_uint8 * 16)] + [(name, ctypes.c_uint64) for name in (
+            "ri_user_time", "ri_system_time", "ri_pkg_idle_wkups", "ri_interrupt_wkups", "ri_pageins", "ri_wired_size",
+            "ri_resident_size", "ri_phys_footprint", "ri_proc_start_abstime", "ri_proc_exit_abstime",
+            "ri_child_user_time", "ri_child_system_time", "ri_child_pkg_idle_wkups", "ri_child_interrupt_wkups",
+            "ri_child_pageins", "ri_child_elapsed_abstime", "ri_diskio_bytesread", "ri_diskio_byteswritten",
+            "ri_cpu_time_qos_default", "ri_cpu_time_qos_maintenance", "ri_cpu_time_qos_background",
+            "ri_cpu_time_qos_utility", "ri_cpu_time_qos_legacy", "ri_cpu_time_qos_user_initiated",
+            "ri_cpu_time_qos_user_interactive", "ri_billed_system_time", "ri_serviced_system_time",
+            "ri_logical_writes", "ri_lifetime_max_phys_footprint", "ri_instructions", "ri_cycles",
+            "ri_billed_energy", "ri_serviced_energy", "ri_interval_max_phys_footprint", "ri_runnable_time")]
+
+    try:
+        libproc = ctypes.CDLL(ctypes.util.find_library("proc") or "/usr/lib/libproc.dylib")
+        info = RusageInfoV4()
+        if libproc.proc_pid_rusage(os.getpid(), 4, ctypes.byref(info)) != 0:  # 4: RUSAGE_INFO_V4
+            return None
+        return int(info.ri_lifetime_max_phys_footprint)
+    except (OSError, AttributeError):
+        return None
 
 
 def memory_available(device: torch.device) -> int:
-    """Bytes this process could use: free CUDA memory, MPS's recommended working set, or available RAM."""
+    """Bytes this process could use: free CUDA memory; on MPS what is actually free of the GPU's
+    working set (unified memory: also bounded by free RAM); else available RAM."""
+    import psutil
+
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type == "mps":
-        return int(torch.mps.recommended_max_memory())
-    import psutil
-
+        free_of_working_set = int(torch.mps.recommended_max_memory()) - int(torch.mps.driver_allocated_memory())
+        return max(0, min(free_of_working_set, int(psutil.virtual_memory().available)))
     return int(psutil.virtual_memory().available)
+
+
+def cap_memory(device: torch.device, budget: int) -> None:
+    """Hold this process to its planned share on MPS, where the allocator would otherwise let it run
+    to 1.7x the working set, swapping meanwhile, before failing (several ranks on one Mac share it)."""
+    if device.type == "mps" and budget > 0:
+        fraction = min(1.0, budget / max(1, int(torch.mps.recommended_max_memory())))
+        torch.mps.set_per_process_memory_fraction(fraction)
 
 
 def synchronize(device: torch.device) -> None:
@@ -126,6 +194,82 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _macos_major() -> int:
-    version = platform.mac_ver()[0]
-    return int(version.split(".")[0]) if version else 0
+def max_buffer_bytes(device: torch.device) -> int | None:
+    """The largest single buffer the device can hold: Metal's ``maxBufferLength`` on MPS, else None.
+
+    A fused MoE expert tensor (all experts of a layer in one tensor) can exceed it on a Mac with
+    plenty of memory; torch has no call for it, so Metal is asked through the Objective-C runtime.
+    """
+    if device.type != "mps":
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        metal = ctypes.CDLL("/System/Library/Frameworks/Metal.framework/Metal")
+        objc = ctypes.CDLL(ctypes.util.find_library("objc"))
+        metal.MTLCreateSystemDefaultDevice.restype = ctypes.c_void_p
+        objc.sel_registerName.restype = ctypes.c_void_p
+        objc.sel_registerName.argtypes = [ctypes.c_char_p]
+        send = objc.objc_msgSend
+        send.restype, send.argtypes = ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_void_p]
+        handle = metal.MTLCreateSystemDefaultDevice()
+        return int(send(handle, objc.sel_registerName(b"maxBufferLength"))) if handle else None
+    except (OSError, AttributeError):
+        return None
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of device tensors, made with blocking copies (non-blocking MPS copies can corrupt data)."""
+    return [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
+
+
+def stamp(device: torch.device) -> float:
+    """A timestamp (``trace.now``) taken after the device's queued work: on CUDA and MPS kernels run
+    asynchronously, and an unsynchronised stamp books a stage's compute as its send or wait."""
+    from .trace import now
+
+    synchronize(device)
+    return now()
+
+
+class DeviceTurn:
+    """One thread at a time does device work in this process, a thread giving its turn up while it waits.
+
+    MPS work from two Python threads can abort the process in Metal (pytorch#197805). Rank 0's
+    threads (lanes, a server's requests) hold the turn while they compute and release it while
+    they wait for the other stages; on every device alike, so CPU and CUDA runs take the path
+    MPS takes. Re-entrant per thread (generate() calls forward()).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold the turn for this block (nested blocks in one thread share it)."""
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            self._lock.acquire()
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                self._lock.release()
+
+    @contextlib.contextmanager
+    def given_up(self):
+        """Release the turn, if this thread holds it, for a block that does no device work (a wait)."""
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = 0
+            self._lock.release()
+        try:
+            yield
+        finally:
+            if depth:
+                self._lock.acquire()
+                self._local.depth = depth

@@ -65,7 +65,9 @@ def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: fl
     """Collect facts and figures; on rank 0 return (report, warnings, problems)."""
     dev = pick_device(device, local_rank=t.local_rank)
     me = {**t.hellos[t.rank], "rank": t.rank, "device": str(dev), "dtypes": supported_dtypes(dev),
-          "memory_available_bytes": memory_available(dev)}
+          "memory_available_bytes": memory_available(dev), "gloo_address": t.gloo_address}
+    if me["os"] == "Darwin":
+        me["mac"] = mac_facts()
     links = measure_links(t, message_bytes=message_bytes)
     rows = t.all_gather({"node": me, "links": links})
     nodes = [r["node"] for r in rows]
@@ -76,6 +78,11 @@ def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: fl
         if len(values) > 1:
             text = f"{key} versions differ: " + ", ".join(f"rank {n['rank']} {n[key]}" for n in nodes)
             (problems if key == "torch_pp" else warnings).append(text)
+    for n in nodes:
+        if "mac" in n:
+            mac_warnings, mac_problems = mac_checks(n)
+            warnings += mac_warnings
+            problems += mac_problems
     hosts = {n["host"] for n in nodes}
     for n in nodes:
         if len(hosts) > 1 and n["address"] and n["address"].startswith("127."):
@@ -88,6 +95,49 @@ def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: fl
             if expect_gbit and link["gbit_per_s"] < 0.7 * expect_gbit:
                 warnings.append(f"link {link['from']}->{link['to']} gives {link['gbit_per_s']:.2f} Gbit/s, expected about {expect_gbit:g}")
     return {"nodes": nodes, "links": links, "warnings": warnings, "problems": problems}, warnings, problems
+
+
+def mac_facts() -> dict:
+    """What doctor checks on a Mac: the macOS version, idle sleep, the firewall, ``caffeinate``."""
+    import platform
+    import shutil
+    import subprocess
+
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    sleep = None
+    for line in run("pmset", "-g").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "sleep" and parts[1].isdigit():
+            sleep = int(parts[1])
+    firewall = run("/usr/libexec/ApplicationFirewall/socketfilterfw", "--getglobalstate")
+    return {"macos": platform.mac_ver()[0], "sleep_minutes": sleep, "caffeinate": shutil.which("caffeinate") is not None,
+            "firewall_on": "enabled" in firewall.lower() if firewall else None}
+
+
+def mac_checks(node: dict) -> tuple[list[str], list[str]]:
+    """Warnings and problems for one Mac of the cluster (``node["mac"]`` from ``mac_facts``)."""
+    mac, who = node["mac"], f"rank {node['rank']} on {node['host']}"
+    warnings, problems = [], []
+    major = int(mac["macos"].split(".")[0]) if mac.get("macos") else 0
+    if major and major < 14:
+        problems.append(f"{who} runs macOS {mac['macos']}: torch_pp needs macOS 14 or newer (torch 2.13; bf16 on MPS)")
+    if tuple(int(x) for x in node["python"].split(".")[:2]) < (3, 10):
+        problems.append(f"{who} runs Python {node['python']}: use Python 3.10 or newer (not Apple's /usr/bin/python3)")
+    if mac.get("sleep_minutes") and not mac.get("caffeinate"):
+        warnings.append(f"{who} idle-sleeps after {mac['sleep_minutes']} min and has no caffeinate: a sleeping Mac is "
+                        "declared lost; set System Settings > Energy > Prevent automatic sleeping")
+    if mac.get("firewall_on"):
+        warnings.append(f"{who} has the macOS firewall on: allow Python to accept incoming connections (System "
+                        "Settings > Network > Firewall > Options), or the other machines cannot connect")
+    if not node.get("iface"):
+        warnings.append(f"{who} has no GLOO_SOCKET_IFNAME: on several Macs give the link's interface "
+                        "(launch/node.sh --iface bridge0 for Thunderbolt, enN for 10GbE)")
+    return warnings, problems
 
 
 def format_report(report: dict) -> str:

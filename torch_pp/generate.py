@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .devices import DeviceTurn
 from .options import check_generation_args
 
 try:  # the enum moved between transformers releases
@@ -42,7 +43,7 @@ def check_generation_mode(model, kwargs: dict) -> None:
         )
 
 
-def guard_generate(model, *, lanes=None, driver=None) -> None:
+def guard_generate(model, *, lanes=None, driver=None, turn=None) -> None:
     """Make ``model.generate`` refuse what the pipeline cannot run, clearly, and accept ``lanes=``.
 
     Refused before anything is sent: modes that reorder or crop the KV cache, and sampling or
@@ -55,8 +56,10 @@ def guard_generate(model, *, lanes=None, driver=None) -> None:
             greedy batch of at least as many sequences as stages runs one lane per stage.
         driver: The pipeline's ``runtime.Driver`` (None with a single stage): after each call it
             lets the stages drop the caches of finished lanes.
+        turn: Rank 0's ``devices.DeviceTurn``: each call holds it while it does device work.
     """
     original = model.generate
+    turn = turn or DeviceTurn()
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
@@ -68,7 +71,8 @@ def guard_generate(model, *, lanes=None, driver=None) -> None:
                                            "max_new_tokens", "min_new_tokens")})
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
-        out = _generate(original, args, kwargs, count)
+        with turn.held():
+            out = _generate(original, args, kwargs, count)
         if driver is not None:  # not after a failure: its own error must be what the caller sees
             driver.release_freed()
         return out
@@ -87,7 +91,12 @@ def guard_generate(model, *, lanes=None, driver=None) -> None:
         if pad is None:
             eos = kwargs.get("eos_token_id", config.eos_token_id)
             pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
-        return lanes.generate(original, lanes=count, pad_with=pad, **kwargs)
+        def in_lane(**sub):  # each lane's thread takes turns at the device like any other caller
+            with turn.held():
+                return original(**sub)
+
+        with turn.given_up():  # while this thread only waits for its lanes
+            return lanes.generate(in_lane, lanes=count, pad_with=pad, **kwargs)
 
     model.generate = generate
 

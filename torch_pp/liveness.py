@@ -35,6 +35,8 @@ import time
 
 import psutil
 
+from .machine import same_machine
+
 HEARTBEAT_S = 1.0
 POLL_S = 0.5
 STALE_S = float(os.environ.get("TORCH_PP_STALE_S", "8"))
@@ -150,7 +152,7 @@ class Monitor:
                 continue
             if r not in self._roles and self.store.check([f"role/{r}"]):
                 self._roles[r] = self.store.get(f"role/{r}").decode()
-            if info["host"] == self.host and not _alive(info["pid"]):
+            if same_machine(info, self.peers[self.rank]) and not _alive(info["pid"]):
                 if not self.store.check([f"done/{r}"]):
                     return r
                 continue
@@ -165,7 +167,7 @@ class Monitor:
     def _lost_message(self, r: int, why: str | None = None) -> str:
         role = self._roles.get(r, "not yet loaded")
         if why is None:
-            why = "its process ended" if self.peers[r]["host"] == self.host else f"no heartbeat for {STALE_S:.0f} s (process dead or network down)"
+            why = "its process ended" if same_machine(self.peers[r], self.peers[self.rank]) else f"no heartbeat for {STALE_S:.0f} s (process dead or network down)"
         return f"lost stage {r} on {self.peers[r]['host']} ({role}): {why}"
 
     def _follow_posted_verdict(self) -> None:

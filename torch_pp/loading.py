@@ -14,18 +14,17 @@ import hashlib
 import json
 import os
 import re
+import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import struct
-
 import torch
-from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from .devices import max_buffer_bytes
 from .plan import StagePlan
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 
@@ -270,6 +269,7 @@ def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dty
     tie = bool(getattr(model.config, "tie_word_embeddings", False))
     start, end = plan.ranges[rank]
     bar = tqdm(names, desc=f"rank {rank}: loading layers {start}:{end}", unit="tensor", disable=not progress, leave=False)
+    limit = max_buffer_bytes(device)
     with ExitStack() as stack:
         handles: dict[str, SafetensorsReader] = {}
 
@@ -282,15 +282,45 @@ def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dty
         for name in bar:
             target = torch.float32 if _keep_fp32(model, name) else dtype
             if name in weights:
-                set_module_tensor_to_device(model, name, device, value=read(name), dtype=target)
+                _put(model, name, read(name), device=device, dtype=target)
             elif name == "lm_head.weight" and tie:
                 continue  # tied below, once the embedding is loaded
             elif _fused_expert_sources(name, weights):
-                set_module_tensor_to_device(model, name, device, value=_fuse_experts(name, weights, read), dtype=target)
+                _check_fits_one_buffer(model, name, target, limit, rank=rank)
+                _put(model, name, _fuse_experts(name, weights, read), device=device, dtype=target)
             else:
                 raise ModelFolderError(f"rank {rank}: the checkpoint in {model_dir} has no tensor {name!r}")
     if rank == 0 and tie and "lm_head.weight" not in weights:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _put(model: nn.Module, name: str, value: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace the meta parameter or buffer ``name`` with ``value`` on ``device`` (floats cast to ``dtype``).
+
+    accelerate's ``set_module_tensor_to_device`` would do the same but empties the MPS cache after
+    every tensor, which slows loading on a Mac; this is the one path on every device. The copy is
+    a blocking one (non-blocking copies to MPS can corrupt data).
+    """
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    tensor = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _check_fits_one_buffer(model: nn.Module, name: str, dtype: torch.dtype, limit: int | None, *, rank: int) -> None:
+    """Refuse, before reading it, a fused tensor larger than the device's largest buffer (Metal's)."""
+    if limit is None:
+        return
+    module_name, _, leaf = name.rpartition(".")
+    nbytes = getattr(model.get_submodule(module_name), leaf).numel() * dtype.itemsize
+    if nbytes > limit:
+        raise ModelFolderError(
+            f"rank {rank}: {name} (all experts of the layer in one tensor) needs {nbytes / 2**30:.1f} GiB, more than "
+            f"this GPU's largest buffer ({limit / 2**30:.1f} GiB); use a smaller dtype"
+        )
 
 
 def _is_persistent(model: nn.Module, name: str) -> bool:

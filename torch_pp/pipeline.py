@@ -20,7 +20,8 @@ import torch
 from . import prefill
 from ._version import __version__
 from .default_model import ensure_default_model
-from .devices import dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
+from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device,
+                      pick_dtype)
 from .generate import guard_generate
 from .lanes import Lanes
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
@@ -28,6 +29,7 @@ from .options import StartOptions
 from .plan import PlanError, StagePlan
 from .runtime import Driver, agree, agree_on, serve
 from .sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
+from .machine import keep_awake, same_machine
 from .transport import FRAME_BYTES, Transport
 
 
@@ -170,9 +172,12 @@ def start(
         raise TypeError("start() takes either options=StartOptions(...) or the options as keywords, not both")
     owns = transport is None
     transport = transport or Transport.from_env()
+    awake = keep_awake()  # a Mac that idle-sleeps would be declared lost by the other stages
     try:
         model_dir, plan, dev, dt, stage, load_s = _prepare_and_load(transport, options)
     except BaseException:
+        if awake is not None:
+            awake.terminate()
         if owns:
             transport.close()
         raise
@@ -181,6 +186,8 @@ def start(
         model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, load_s=load_s,
         owns_transport=owns,
     )
+    if awake is not None:
+        pipe.on_close.append(awake.terminate)
     if transport.rank == 0:
         _drive(pipe, options)
         return pipe
@@ -204,13 +211,14 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
                             f"needs at least one layer; start at most {config.num_hidden_layers} ranks")
         weight_map(model_dir)  # fail early when weights are missing
         dev = pick_device(o.device, local_rank=transport.local_rank)
-        memory = {"host": transport.host, "device": str(dev), "capped": o.max_memory is not None,
+        memory = {"host": transport.host, "machine": transport.hellos[transport.rank].get("machine"), "device": str(dev), "capped": o.max_memory is not None,
                   "bytes": o.max_memory if o.max_memory is not None else memory_available(dev)}
-        return model_dir, config, dev, pick_dtype(o.dtype, dev), model_fingerprint(model_dir), memory
+        dt = pick_dtype(o.dtype, dev, checkpoint_dtype(config))
+        return model_dir, config, dev, dt, model_fingerprint(model_dir), memory
 
     def place(config, dt, rows):
         # Ranks on one machine (or one GPU) share its memory.
-        available = [r["bytes"] if r["capped"] else r["bytes"] // sum((q["host"], q["device"]) == (r["host"], r["device"]) for q in rows)
+        available = [r["bytes"] if r["capped"] else r["bytes"] // sum(same_machine(q, r) and q["device"] == r["device"] for q in rows)
                      for r in rows]
         sizes = model_sizes(config)
         plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance, available=available,
@@ -222,6 +230,7 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
                 f"the model does not fit this cluster at {dtype_name(dt)} with a {o.context}-token context:\n"
                 + needs_table(needs) + "\nuse a smaller dtype or context, more machines, or `torch_pp plan` to explore"
             )
+        cap_memory(dev, available[transport.rank])  # MPS: hold this rank to its share of the Mac's memory
         return plan
 
     model_dir, config, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
@@ -245,13 +254,12 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
 def _drive(pipe: Pipeline, o: StartOptions) -> None:
     """Rank 0: plug the driver into the model's placeholders and wrap forward and generate."""
     stage, plan, transport = pipe.stage, pipe.plan, pipe.transport
+    turn = DeviceTurn()  # one thread at a time does device work on rank 0
     if stage.span is not None:
-        pipe.driver = Driver(transport, device=pipe.device, freed=stage.span.freed)
+        pipe.driver = Driver(transport, device=pipe.device, freed=stage.span.freed, turn=turn)
         stage.span.runner = pipe.driver.run_remote
         if transport.monitor is not None and not transport.monitor.exit_on_loss:
             transport.monitor.on_lost = pipe.driver.stage_lost
-        stage.model.register_forward_pre_hook(lambda *_: pipe.driver.mark_busy())
-        stage.model.register_forward_hook(lambda *_: pipe.driver.mark_idle())
         prefill.install(stage.model, stage.span, stages=plan.num_stages, local_layers=len(plan.layers_of(0)),
-                        chunk=o.prefill_chunk)
-    guard_generate(stage.model, lanes=Lanes(stages=plan.num_stages) if pipe.driver else None, driver=pipe.driver)
+                        chunk=o.prefill_chunk, turn=turn, driver=pipe.driver)
+    guard_generate(stage.model, lanes=Lanes(stages=plan.num_stages) if pipe.driver else None, driver=pipe.driver, turn=turn)

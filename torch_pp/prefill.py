@@ -16,6 +16,7 @@ import inspect
 import math
 
 from . import outputs
+from .devices import DeviceTurn
 from .stage import RemoteSpan, StageError
 
 MIN_CHUNK = 64
@@ -26,7 +27,8 @@ def default_chunk(prompt_len: int, stages: int) -> int:
     return max(MIN_CHUNK, math.ceil(prompt_len / (4 * stages)))
 
 
-def install(model, span: RemoteSpan, *, stages: int, local_layers: int, chunk: int | None = None) -> None:
+def install(model, span: RemoteSpan, *, stages: int, local_layers: int, chunk: int | None = None,
+            turn: DeviceTurn | None = None, driver=None) -> None:
     """Wrap rank 0's ``model.forward``: pipelined prefills, and per-layer outputs across stages.
 
     Long cached forwards (prefills) are cut into chunks. ``output_hidden_states`` returns
@@ -40,13 +42,26 @@ def install(model, span: RemoteSpan, *, stages: int, local_layers: int, chunk: i
         stages: Number of pipeline stages.
         local_layers: Decoder layers on rank 0.
         chunk: The initial ``prefill_chunk``.
+        turn: Rank 0's ``devices.DeviceTurn``, held by each call while it does device work.
+        driver: The ``runtime.Driver``, told when rank 0's own compute starts and ends (its spans).
     """
+    turn = turn or DeviceTurn()
     original = model.forward
     model.prefill_chunk = chunk
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
+        with turn.held():
+            if driver is None:
+                return _forward(*args, **kwargs)
+            driver.mark_busy()
+            try:
+                return _forward(*args, **kwargs)
+            finally:
+                driver.mark_idle()
+
+    def _forward(*args, **kwargs):
         if args:  # positional arguments (model(input_ids)) become keywords
             bound = signature.bind_partial(*args, **kwargs)
             kwargs = {**bound.arguments.pop("kwargs", {}), **bound.arguments}

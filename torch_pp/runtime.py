@@ -25,6 +25,7 @@ import torch
 
 from . import activations
 from .stage import StageRunner
+from .devices import DeviceTurn, stamp, to_host
 from .trace import Tracer, now
 from .transport import Transport, TransportError
 from .wire import Message, Op
@@ -137,11 +138,15 @@ class Driver:
         device: Rank 0's device.
         freed: Lanes whose rank-0 cache is gone (filled by ``RemoteSpan``); the driver tells
             the stages to drop them with its next send.
+        turn: Rank 0's device turn: given up while a thread waits on the wire, so that one
+            thread at a time does device work (see ``devices.DeviceTurn``).
     """
 
-    def __init__(self, transport: Transport, *, device: torch.device, freed: collections.deque | None = None) -> None:
+    def __init__(self, transport: Transport, *, device: torch.device, freed: collections.deque | None = None,
+                 turn: DeviceTurn | None = None) -> None:
         self.transport = transport
         self.device = device
+        self.turn = turn or DeviceTurn()
         self.remote_s = 0.0  # wall time waiting for the other stages (their compute + the wire)
         self.calls = 0
         self.tracer = Tracer()
@@ -158,19 +163,19 @@ class Driver:
 
     def mark_busy(self) -> None:
         """A forward pass starts on rank 0: compute until the next remote call."""
-        self._local.busy_since = now()
+        self._local.busy_since = stamp(self.device)
 
     def mark_idle(self) -> None:
         """A forward pass ended on rank 0."""
         since = getattr(self._local, "busy_since", None)
         if since is not None:
-            self.tracer.add("compute", since, now())
+            self.tracer.add("compute", since, stamp(self.device))
             self._local.busy_since = None
 
     def _pause_busy(self) -> bool:
         since = getattr(self._local, "busy_since", None)
         if since is not None:
-            self.tracer.add("compute", since, now())
+            self.tracer.add("compute", since, stamp(self.device))
         return since is not None
 
     @property
@@ -198,12 +203,15 @@ class Driver:
         busy = self._pause_busy()
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
         meta.update(reply=reply, keep=keep, lane=lane, collect=collect)
+        tensors = to_host(tensors)  # device work, while this thread still has the turn
         if not reply:
-            self._send(Message(Op.FORWARD, meta, tensors))
+            with self.turn.given_up():
+                self._send(Message(Op.FORWARD, meta, tensors))
             if busy:
                 self._local.busy_since = now()
             return hidden
-        answer = self._exchange(Message(Op.FORWARD, meta, tensors))
+        with self.turn.given_up():
+            answer = self._exchange(Message(Op.FORWARD, meta, tensors))
         if answer.op == Op.ERROR:
             raise PipelineError(answer.meta["error"])
         if answer.op != Op.RESULT:
@@ -378,9 +386,9 @@ def serve(transport: Transport, runner: StageRunner, *, device: torch.device, de
                 transport.send(Message(Op.ERROR, {"error": error, "req": meta.get("req")}), dst=nxt)
                 continue
             out, states = out if collect else (out, [])
+            t_done = stamp(device)  # after the device finished this stage's kernels
             busy["compute_s"] += time.perf_counter() - start
             busy["forwards"] += 1
-            t_done = now()
             tracer.add("compute", t_got, t_done)
             if is_last:
                 if reply:  # a streamed prefill chunk needs no answer

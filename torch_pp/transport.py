@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,11 +27,13 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .machine import machine_id, same_machine
 from .liveness import Monitor
 from .wire import Message
 
 FRAME_BYTES = int(os.environ.get("TORCH_PP_FRAME_BYTES", wire.DEFAULT_FRAME_BYTES))
-# Idle pipelines must not be torn down by Gloo: liveness is the monitor's job.
+# Idle pipelines must not be torn down by Gloo: liveness is the monitor's job. Every send and
+# receive waits this long; only forming the group has a deadline (TORCH_PP_JOIN_TIMEOUT).
 IDLE_TIMEOUT = timedelta(days=365)
 HELLO_TIMEOUT_S = float(os.environ.get("TORCH_PP_JOIN_TIMEOUT", "300"))
 
@@ -91,6 +94,7 @@ def local_info() -> dict:
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
     return {
         "host": socket.gethostname(),
+        "machine": machine_id(),
         "pid": os.getpid(),
         "os": platform.system(),
         "os_release": platform.release(),
@@ -133,13 +137,75 @@ def check_hellos(hellos: dict[int, dict]) -> None:
     for r, h in hellos.items():
         if h["iface"] and h["address"] is None:
             raise TransportError(f"rank {r} on {h['host']}: GLOO_SOCKET_IFNAME={h['iface']} has no IPv4 address; check the interface name")
-    if len({h["host"] for h in hellos.values()}) > 1:
+    if not on_one_machine(hellos):
         for r, h in hellos.items():
             if h["address"] is None or ipaddress.ip_address(h["address"]).is_loopback:
                 raise TransportError(
                     f"rank {r} on {h['host']} would advertise {h['address']} (loopback) to the other machines; "
                     "set GLOO_SOCKET_IFNAME to the interface that reaches them (launch/node.sh --iface)"
                 )
+
+
+def on_one_machine(hellos: dict[int, dict]) -> bool:
+    first = next(iter(hellos.values()))
+    return all(same_machine(first, h) for h in hellos.values())
+
+
+def gloo_address(hellos: dict[int, dict], rank: int) -> str:
+    """The IPv4 address this rank's Gloo device binds to and advertises.
+
+    Gloo left to itself takes the first address of GLOO_SOCKET_IFNAME of any family (macOS
+    lists the IPv6 link-local one first, which the other Mac may not reach) or resolves the
+    hostname (mDNS on a Mac). So it is told: 127.0.0.1 when every rank is on this machine,
+    else the IPv4 address that the hello reported and that ``doctor`` shows.
+    """
+    return "127.0.0.1" if on_one_machine(hellos) else hellos[rank]["address"]
+
+
+def _form_group(store, *, rank: int, world_size: int, address: str, timeout_s: float):
+    """A Gloo group on an explicit IPv4 device; raises if the full mesh does not connect in time.
+
+    Gloo's own connect timeout is not a deadline (a rank waiting for a peer's incoming connection
+    was seen to wait five times as long), so the group is formed in a helper thread and given up on
+    at the deadline; the helper, stuck in Gloo, ends with the process.
+    """
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+    options._timeout = timedelta(seconds=timeout_s)  # connecting only: sends and receives pass IDLE_TIMEOUT
+    result: dict = {}
+
+    def form():
+        try:
+            result["group"] = dist.ProcessGroupGloo(store, rank, world_size, options)
+        except Exception as exc:  # noqa: BLE001 - raised in the caller's thread
+            result["error"] = exc
+
+    helper = threading.Thread(target=form, name="torch_pp-gloo-join", daemon=True)
+    helper.start()
+    helper.join(timeout_s + 1)
+    if "error" in result:
+        raise result["error"]
+    if "group" not in result:
+        raise TimeoutError(f"Gloo did not connect in {timeout_s:.0f} s")
+    return result["group"]
+
+
+def _join_failure(store, hellos: dict[int, dict], *, rank: int, address: str, seconds: float, exc: Exception) -> str:
+    """Name the ranks this one could not connect to (those that did not form the group either)."""
+    time.sleep(1.0)  # ranks that did connect mark it right away
+    missing = []
+    for r, h in hellos.items():
+        try:
+            joined = r == rank or store.check([f"joined/{r}"])
+        except Exception:  # noqa: BLE001 - the store's host may have given up already
+            joined = False
+        if not joined:
+            missing.append(f"rank {r} on {h['host']} ({gloo_address(hellos, r)})")
+    who = ", ".join(missing) or "the other ranks"
+    return (f"rank {rank} on {hellos[rank]['host']} ({address}) could not connect to {who} within {seconds:.0f} s "
+            f"(TORCH_PP_JOIN_TIMEOUT): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Check that each "
+            "machine can reach the others' addresses on the fast link (ping), the firewall (allow Python to accept "
+            "incoming connections), and GLOO_SOCKET_IFNAME (launch/node.sh --iface)")
 
 
 class Transport:
@@ -151,6 +217,7 @@ class Transport:
         local_rank: Rank on this machine.
         host: This machine's hostname.
         hellos: rank -> facts each rank posted at start-up (see ``local_info``).
+        gloo_address: The IPv4 address this rank's Gloo device uses (None for a single process).
         monitor: The liveness monitor (None for a single process).
     """
 
@@ -163,6 +230,8 @@ class Transport:
         self.monitor: Monitor | None = None
         self.link = SimulatedLink.from_spec(os.environ.get("TORCH_PP_SIM_LINK"))
         self._owns_group = owns_group
+        self._group = None  # the Gloo group (None for a single process)
+        self.gloo_address: str | None = None  # the IPv4 address Gloo binds and advertises
         self._seq = 0
         self._gathers = 0
         self._frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
@@ -224,14 +293,17 @@ class Transport:
                 "Check the master address and port, the firewall, and that every machine was started"
             ) from exc
         check_hellos(hellos)
+        join_s = float(os.environ.get("TORCH_PP_JOIN_TIMEOUT", "300"))
+        address = gloo_address(hellos, rank)
         try:
-            dist.init_process_group(backend="gloo", store=dist.PrefixStore("torch_pp_pg/", base), rank=rank,
-                                    world_size=world_size, timeout=IDLE_TIMEOUT)
+            group = _form_group(dist.PrefixStore("torch_pp_pg/", base), rank=rank, world_size=world_size,
+                                address=address, timeout_s=join_s)
+            store.set(f"joined/{rank}", "1")
         except Exception as exc:  # noqa: BLE001
-            raise TransportError(
-                f"rank {rank} could not join the Gloo group via {addr}:{port}: {exc}. Check GLOO_SOCKET_IFNAME and the firewall"
-            ) from exc
+            raise TransportError(_join_failure(store, hellos, rank=rank, address=address, seconds=join_s, exc=exc)) from exc
         t = cls(rank=rank, world_size=world_size, local_rank=local_rank, hellos=hellos, owns_group=True)
+        t._group = group
+        t.gloo_address = address
         t._store = store
         t._base_store = base  # keeps the store (and, on its host, the server) alive
         t._hosting = host_store
@@ -259,16 +331,16 @@ class Transport:
 
     def send(self, message: Message, dst: int) -> None:
         """Send one framed message to ``dst`` (blocks until Gloo has taken it)."""
-        # dist.send returns once Gloo has taken the bytes, so one staging frame serves every send
+        # A send returns once Gloo has taken the bytes, so one staging frame serves every send
         # (callers send from one thread at a time: the driver holds a lock, stages are single-threaded).
         frame, rest = wire.pack(message, seq=self._seq, sender=self.rank, frame_bytes=FRAME_BYTES, out=self._frame)
         self._seq += 1
         if self.link is not None:
             self.link.delay(frame.numel() + (rest.numel() if rest is not None else 0))
         try:
-            dist.send(frame, dst)
+            self._group.send([frame], dst, 0).wait(IDLE_TIMEOUT)
             if rest is not None:
-                dist.send(rest, dst)
+                self._group.send([rest], dst, 0).wait(IDLE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"rank {self.rank} could not send {message.op.name} to rank {dst}: {exc}") from exc
 
@@ -277,11 +349,11 @@ class Transport:
         frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
         rest = None
         try:
-            dist.recv(frame, src)
+            self._group.recv([frame], src, 0).wait(IDLE_TIMEOUT)
             total, inline = wire.read_header(frame, expected_sender=src)
             if not inline:
                 rest = torch.empty(total, dtype=torch.uint8)
-                dist.recv(rest, src)
+                self._group.recv([rest], src, 0).wait(IDLE_TIMEOUT)
         except wire.WireError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -325,6 +397,6 @@ class Transport:
                 deadline = time.monotonic() + (3 if self.monitor.verdict else 10)  # a lost rank never says done
                 while time.monotonic() < deadline and not self._store.check(others):
                     time.sleep(0.05)
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._owns_group:
+            self._group = None  # its connections close with it
             self._owns_group = False

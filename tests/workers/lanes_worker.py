@@ -11,16 +11,17 @@ from transformers import AutoModelForCausalLM
 import torch_pp
 
 path = sys.argv[1]
-pipe = torch_pp.start(path, progress=False)
+pipe = torch_pp.start(path, progress=False, dtype="float32")  # on TORCH_PP_DEVICE (the tests: cpu)
 if pipe.is_driver:
     n = pipe.plan.num_stages
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(pipe.device).eval()
     g = torch.Generator().manual_seed(3)
     batch = torch.randint(3, 250, (6, 12), generator=g)
     mask = torch.ones_like(batch)
     mask[1, :4] = 0
     mask[4, :7] = 0
     batch[mask == 0] = 0
+    batch, mask = batch.to(pipe.device), mask.to(pipe.device)
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
     report = {}
     for lanes in (2, 3):

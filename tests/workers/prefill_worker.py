@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import torch_pp
 
 path = sys.argv[1]
-pipe = torch_pp.start(path, progress=False)
+pipe = torch_pp.start(path, progress=False, dtype="float32")  # on TORCH_PP_DEVICE (the tests: cpu)
 if pipe.is_driver:
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(pipe.device).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 250, (1, 40), generator=g)
     batch = torch.randint(3, 250, (3, 30), generator=g)
@@ -20,6 +20,7 @@ if pipe.is_driver:
     mask[0, :12] = 0  # left padding
     mask[2, :5] = 0
     batch[mask == 0] = 0
+    ids, batch, mask = ids.to(pipe.device), batch.to(pipe.device), mask.to(pipe.device)
     kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     want_one, want_batch = ref.generate(ids, **kw), ref.generate(batch, attention_mask=mask, **kw)
     with torch.no_grad():

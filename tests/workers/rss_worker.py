@@ -2,17 +2,13 @@
 
 import json
 import os
-import resource
 import sys
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import torch_pp
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from torch_pp.devices import peak_rss_bytes as peak_rss
 
 
 model_dir = sys.argv[1]

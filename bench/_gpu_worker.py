@@ -1,0 +1,132 @@
+"""gpu_report.py's worker: one contender, loaded once, answering the orchestrator's turns.
+
+    python _gpu_worker.py hf DIR          # transformers on one GPU (cuda:0)
+    python _gpu_worker.py balanced DIR    # transformers + accelerate, device_map="balanced" over every GPU
+    torchrun --nproc-per-node 2 _gpu_worker.py pipeline DIR   # torch_pp, one stage per GPU
+
+Each turn is a JSON spec (see ``measure``); before its first turn the worker runs every spec
+once, so that every sequence length has been seen (cuDNN builds an attention plan per new KV
+length) and no timed run pays for compilation or allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import serve_turns  # noqa: E402
+
+KIND, MODEL = sys.argv[1], sys.argv[2]
+SPECS = json.loads(os.environ["BENCH_SPECS"])  # every spec this run will ask for, to warm them all
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a smoke test of the report itself
+VOCAB_LOW = 1000
+
+
+def prompt(length: int, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(length * 31 + batch)
+    return torch.randint(VOCAB_LOW, 30000, (batch, length), generator=g)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
+
+
+def measure(model, device, spec: dict) -> dict:
+    """One timed run. ``decode``: one stream of ``new`` tokens (TTFT and decode tok/s); ``ttft``: a
+    ``len``-token prompt's first token; ``batch``: ``batch`` sequences of ``new`` greedy tokens."""
+    from torch_pp.generate import TokenTimer
+
+    kw = dict(do_sample=False, pad_token_id=0)
+    if spec.get("lanes") is not None:
+        kw["lanes"] = spec["lanes"]
+    if hasattr(model, "prefill_chunk"):
+        model.prefill_chunk = spec.get("chunk")  # None: the default rule
+    ids = prompt(spec.get("len", 32), spec.get("batch", 1)).to(device)
+    new = spec.get("new", 1)
+    timer = TokenTimer()
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             streamer=timer if ids.shape[0] == 1 else None, **kw)
+    sync()
+    wall = time.perf_counter() - start
+    result = {"wall_s": wall, "tokens": out[:, ids.shape[1]:].tolist()}
+    if ids.shape[0] == 1:
+        result.update(ttft_s=timer.ttft_s, decode_tokens_per_s=timer.decode_tokens_per_s)
+    result["tokens_per_s"] = ids.shape[0] * new / wall
+    return result
+
+
+def memory() -> list[int]:
+    if DEVICE != "cuda":
+        from torch_pp.devices import peak_rss_bytes
+
+        return [peak_rss_bytes()]
+    return [int(torch.cuda.max_memory_allocated(d)) for d in range(torch.cuda.device_count())]
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    if KIND == "pipeline":
+        import torch_pp
+
+        pipe = torch_pp.start(MODEL, dtype="bfloat16", device=DEVICE, progress=False)
+        if not pipe.is_driver:
+            return
+        model, device = pipe.model, pipe.device
+    else:
+        from transformers import AutoModelForCausalLM
+
+        placement = {"device_map": "balanced"} if KIND == "balanced" else {}
+        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16, **placement).eval()
+        device = torch.device("cuda:0" if DEVICE == "cuda" else DEVICE)
+        if KIND == "hf":
+            model = model.to(device)
+        pipe = None
+    for spec in SPECS:  # warm every length and mode once
+        measure(model, device, spec)
+    if pipe is not None:
+        base, remote0, calls0 = pipe.stats(), pipe.driver.remote_s, pipe.driver.calls
+    timed = {"wall": 0.0}
+
+    def run(spec: dict) -> dict:
+        result = measure(model, device, spec)
+        timed["wall"] += result["wall_s"]
+        return result
+
+    def finish() -> dict:
+        if pipe is None:
+            return {"peak_memory_bytes": memory()}
+        stages = pipe.stats()
+        remote_s = pipe.driver.remote_s - remote0
+        remote_compute = sum(s["compute_s"] - b["compute_s"] for s, b in zip(stages[1:], base[1:]))
+        hops = (pipe.driver.calls - calls0) * pipe.transport.world_size
+        figures = {"communication_share": (remote_s - remote_compute) / timed["wall"],
+                   "per_boundary_ms": 1000 * (remote_s - remote_compute) / max(1, hops),
+                   "stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes")}
+                              for s in stages]}
+        # Where one decode step's time goes, per stage and kind of span (synchronised stamps).
+        from torch_pp.trace import now
+
+        t0 = now()
+        measure(model, device, {"len": 32, "new": 33})
+        spans = pipe.stats(spans_since=t0)
+        figures["per_step_ms_by_stage"] = [
+            {name: round(1000 * sum(b - max(a, t0) for n, a, b in s["spans"] if n == name) / 33, 3)
+             for name in ("compute", "send", "wait")} for s in spans]
+        pipe.close()
+        return figures
+
+    serve_turns(run, finish)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The GPU performance report: torch_pp on 2 GPUs against transformers on one GPU and accelerate
+over both, in one run, with the write-up's four figures.
+
+    python bench/gpu_report.py [--shape 8b|32b | --model DIR] [--rounds 3] [--json out.json]
+
+It writes a random-weight model of a real shape (Llama-3.1-8B's by default, Qwen2.5-32B's with
+``--shape 32b``) unless given a folder (any folder works: no tokenizer or chat template needed),
+then loads three contenders once each and alternates their timed runs, round after round,
+reporting medians:
+
+* ``hf``: transformers ``generate()`` on one GPU;
+* ``accelerate``: the same model split over both GPUs in one process (``device_map="balanced"``),
+  what a user with one multi-GPU box would pick instead;
+* ``torch_pp``: two stages under torchrun, one per GPU.
+
+Each contender first runs every measurement once (every KV length warmed: cuDNN plans an
+attention kernel per new length). Figures: decode tokens/s (one stream), time to first token
+(1430- and 8192-token prompts; torch_pp unchunked, chunked and by default), a greedy batch of 8
+(torch_pp by default, ``lanes=1`` and ``lanes=2``), peak memory per GPU/stage and torch_pp's
+communication share and own cost per stage boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import TurnWorker, dump, print_table, torchrun_cmd  # noqa: E402
+
+SHAPES = {  # model_type, config
+    "tiny": ("llama", dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),  # --device cpu smoke test
+    "8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    "32b": ("qwen2", dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                          num_attention_heads=40, num_key_value_heads=8, rope_theta=1000000.0, max_position_embeddings=32768,
+                          rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+}
+
+
+def write_model(shape: str, path: Path, device: str) -> Path:
+    """A random-weight bf16 checkpoint of ``shape`` (sharded safetensors), made on ``device``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    model_type, fields = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **fields, dtype="bfloat16")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    index, shard, size, n = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, size, n = {}, 0, n + 1
+
+    for name, p in skeleton.named_parameters():
+        # Norm weights near 1, everything else small: activations stay finite through the layers.
+        t = (1 + 0.02 * torch.randn(p.shape, generator=g, device=device)) if p.dim() == 1 else \
+            0.02 * torch.randn(p.shape, generator=g, device=device)
+        shard[name] = t.to(torch.bfloat16).cpu()
+        size += shard[name].nbytes
+        if size > 4 * 2**30:
+            flush()
+    flush()
+    total = sum((path / f).stat().st_size for f in set(index.values()))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    config.save_pretrained(path)
+    return path
+
+
+def specs(args) -> dict[str, dict]:
+    out = {"decode": {"what": "decode", "len": 32, "new": args.new_tokens}}
+    for length in (args.long, args.xlong):
+        out[f"ttft{length}"] = {"len": length, "new": 1}
+        out[f"ttft{length}_unchunked"] = {"len": length, "new": 1, "chunk": 0}
+        out[f"ttft{length}_chunked"] = {"len": length, "new": 1, "chunk": max(64, length // 8)}
+    out["batch8"] = {"len": 32, "batch": 8, "new": args.new_tokens}
+    out["batch8_lanes1"] = {"len": 32, "batch": 8, "new": args.new_tokens, "lanes": 1}
+    out["batch8_lanes2"] = {"len": 32, "batch": 8, "new": args.new_tokens, "lanes": 2}
+    return out
+
+
+ONLY_PIPELINE = ("_unchunked", "_chunked", "_lanes1", "_lanes2")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=list(SHAPES), default="8b")
+    ap.add_argument("--model", help="an HF model folder instead of a random one")
+    ap.add_argument("--workdir", default="/tmp/torch_pp_gpu_report", help="where the random model is written")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--long", type=int, default=1430)
+    ap.add_argument("--xlong", type=int, default=8192)
+    ap.add_argument("--contenders", default="hf,accelerate,torch_pp")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the report (with --shape tiny)")
+    ap.add_argument("--json", help="also write the JSON result here")
+    args = ap.parse_args()
+
+    model = Path(args.model) if args.model else write_model(args.shape, Path(args.workdir) / args.shape, args.device)
+    plan = specs(args)
+    names = args.contenders.split(",")
+    shared = [s for k, s in plan.items() if not k.endswith(ONLY_PIPELINE)]
+    cmds = {
+        "hf": ([sys.executable, str(HERE / "_gpu_worker.py"), "hf", str(model)], shared),
+        "accelerate": ([sys.executable, str(HERE / "_gpu_worker.py"), "balanced", str(model)], shared),
+        "torch_pp": (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline", str(model)), list(plan.values())),
+    }
+    workers = {}
+    for name in names:  # one at a time: loading three models at once would measure the disk
+        cmd, warm = cmds[name]
+        workers[name] = TurnWorker(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_SPECS": json.dumps(warm),
+                                         "BENCH_DEVICE": args.device})
+    runs: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in plan} for n in names}
+    for r in range(args.rounds):
+        for key, spec in plan.items():
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                if name != "torch_pp" and key.endswith(ONLY_PIPELINE):
+                    continue
+                runs[name][key].append(workers[name].ask("run " + json.dumps(spec)))
+    finals = {name: w.close() for name, w in workers.items()}
+
+    def med(name, key, field):
+        values = [x[field] for x in runs[name][key] if x.get(field) is not None]
+        return statistics.median(values) if values else None
+
+    result = {"model": str(model), "shape": None if args.model else args.shape, "rounds": args.rounds,
+              "new_tokens": args.new_tokens, "figures": {}, "memory": {}, "same_tokens": {}}
+    for name in names:
+        fig = result["figures"][name] = {}
+        for key in plan:
+            if runs[name][key]:
+                field = {"decode": "decode_tokens_per_s"}.get(key, "tokens_per_s" if key.startswith("batch") else "wall_s")
+                fig[key] = med(name, key, field)
+        if "decode" in runs[name]:
+            fig["decode_ttft_s"] = med(name, "decode", "ttft_s")
+        result["memory"][name] = finals[name].get("peak_memory_bytes") or [s["peak_memory_bytes"] for s in finals[name]["stages"]]
+    if "torch_pp" in finals:
+        result["torch_pp"] = {k: finals["torch_pp"][k] for k in ("communication_share", "per_boundary_ms", "stages")}
+    if "torch_pp" in names:
+        for other in (n for n in names if n != "torch_pp"):
+            for key in ("decode", "batch8"):
+                result["same_tokens"][f"torch_pp/{other}/{key}"] = all(
+                    a["tokens"] == b["tokens"] for a, b in zip(runs[other][key], runs["torch_pp"][key]))
+            # Each round's runs share the machine's moment: ratios per round, then their median.
+            ratios = [p["decode_tokens_per_s"] / h["decode_tokens_per_s"]
+                      for h, p in zip(runs[other]["decode"], runs["torch_pp"]["decode"])]
+            result["figures"]["torch_pp"]["decode_ratio_over_" + other] = statistics.median(ratios)
+    dump(result, args.json)
+
+    print()
+    f = result["figures"]
+    rows = []
+    for key in plan:
+        unit = "tok/s" if key == "decode" or key.startswith("batch") else "ms"
+        scale = 1 if unit == "tok/s" else 1000
+        rows.append([key, unit] + [("-" if f[n].get(key) is None else f"{f[n][key] * scale:.1f}") for n in names])
+    rows.append(["peak memory per GPU/stage", "GiB"] + [" / ".join(f"{b / 2**30:.1f}" for b in result["memory"][n]) for n in names])
+    print_table(rows, ["figure", "unit", *names])
+    if "torch_pp" in result:
+        tp = result["torch_pp"]
+        print(f"\ntorch_pp: communication share {100 * tp['communication_share']:.1f}%, own cost per stage boundary "
+              f"{tp['per_boundary_ms']:.2f} ms; decode ratios: " +
+              ", ".join(f"over {k.split('_over_')[1]} {v:.3f}" for k, v in f["torch_pp"].items() if k.startswith("decode_ratio")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""What only a Mac shows, tested through the pure pieces that decide it (the Mac path is the same code)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from torch_pp.devices import DeviceTurn, default_dtype, peak_memory_bytes, peak_rss_bytes
+from torch_pp.doctor import mac_checks
+from torch_pp.machine import same_machine
+
+BF16 = ["float32", "float16", "bfloat16"]
+
+
+@pytest.mark.parametrize("device, checkpoint, supported, want", [
+    ("mps", "bfloat16", BF16, "bfloat16"),  # the checkpoint's own dtype: never fp16 for bf16 weights
+    ("mps", "bfloat16", BF16[:2], "float32"),  # no bf16 (macOS 13): fp32, not an overflowing fp16
+    ("mps", "float16", BF16, "float16"),
+    ("mps", "float32", BF16, "bfloat16"),
+    ("mps", None, BF16[:2], "float32"),
+    ("cuda", "bfloat16", BF16, "bfloat16"),
+    ("cuda", "float32", BF16[:2], "float16"),  # a card without bf16
+    ("cpu", "bfloat16", BF16, "float32"),
+])
+def test_default_dtype(device, checkpoint, supported, want):
+    assert default_dtype(device, checkpoint, supported) == want
+
+
+def test_peak_memory_is_in_bytes():
+    big = torch.ones(64 * 2**20, dtype=torch.uint8) + 1  # 64 MiB touched
+    assert peak_rss_bytes() >= big.numel()
+    assert peak_memory_bytes(torch.device("cpu")) == peak_rss_bytes()
+
+
+def test_device_turn_lets_one_thread_work_and_waits_give_it_up():
+    turn, inside, log = DeviceTurn(), [0], []
+
+    def worker(name):
+        for _ in range(20):
+            with turn.held():
+                with turn.held():  # re-entrant: generate() calls forward()
+                    inside[0] += 1
+                    log.append(inside[0])
+                    time.sleep(0.001)
+                    inside[0] -= 1
+                with turn.given_up():  # a wait on the wire: another thread may work meanwhile
+                    time.sleep(0.001)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(log) == 80 and max(log) == 1, "two threads were inside at once"
+    with turn.given_up():  # without the turn it is a no-op
+        pass
+
+
+def test_machines_are_told_apart_by_id_and_hostname():
+    a = {"host": "studio", "machine": "uuid-1"}
+    assert same_machine(a, {"host": "studio", "machine": "uuid-1"})
+    assert not same_machine(a, {"host": "studio", "machine": "uuid-2"})  # a cloned Mac
+    assert not same_machine(a, {"host": "host1", "machine": "uuid-1"})  # a network-namespace test host
+
+
+def test_doctor_flags_what_breaks_a_mac():
+    node = {"rank": 1, "host": "studio2", "python": "3.9.6", "iface": None,
+            "mac": {"macos": "13.6", "sleep_minutes": 10, "caffeinate": False, "firewall_on": True}}
+    warnings, problems = mac_checks(node)
+    assert any("macOS 13.6" in p for p in problems) and any("Python 3.9.6" in p for p in problems)
+    text = " ".join(warnings)
+    assert "idle-sleeps" in text and "firewall" in text and "GLOO_SOCKET_IFNAME" in text
+    good = {"rank": 0, "host": "studio1", "python": "3.12.1", "iface": "bridge0",
+            "mac": {"macos": "15.1", "sleep_minutes": 0, "caffeinate": True, "firewall_on": False}}
+    assert mac_checks(good) == ([], [])
