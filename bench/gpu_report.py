@@ -91,13 +91,14 @@ def specs(args) -> dict[str, dict]:
         out[f"ttft{length}"] = {"len": length, "new": 1}
         out[f"ttft{length}_unchunked"] = {"len": length, "new": 1, "chunk": 0}
         out[f"ttft{length}_chunked"] = {"len": length, "new": 1, "chunk": max(64, length // 8)}
+        out[f"ttft{length}_chunk1024"] = {"len": length, "new": 1, "chunk": 1024}
     out["batch8"] = {"len": 32, "batch": 8, "new": args.new_tokens}
     out["batch8_lanes1"] = {"len": 32, "batch": 8, "new": args.new_tokens, "lanes": 1}
     out["batch8_lanes2"] = {"len": 32, "batch": 8, "new": args.new_tokens, "lanes": 2}
     return out
 
 
-ONLY_PIPELINE = ("_unchunked", "_chunked", "_lanes1", "_lanes2")
+ONLY_PIPELINE = ("_unchunked", "_chunked", "_chunk1024", "_lanes1", "_lanes2")
 
 
 def main() -> None:
@@ -154,7 +155,8 @@ def main() -> None:
             fig["decode_ttft_s"] = med(name, "decode", "ttft_s")
         result["memory"][name] = finals[name].get("peak_memory_bytes") or [s["peak_memory_bytes"] for s in finals[name]["stages"]]
     if "torch_pp" in finals:
-        result["torch_pp"] = {k: finals["torch_pp"][k] for k in ("communication_share", "per_boundary_ms", "stages")}
+        result["torch_pp"] = {k: finals["torch_pp"][k]
+                              for k in ("communication_share", "per_boundary_ms", "per_step_ms_by_stage", "stages")}
     if "torch_pp" in names:
         for other in (n for n in names if n != "torch_pp"):
             for key in ("decode", "batch8"):
@@ -178,7 +180,7 @@ def main() -> None:
     if "torch_pp" in result:
         tp = result["torch_pp"]
         print(f"\ntorch_pp: communication share {100 * tp['communication_share']:.1f}%, own cost per stage boundary "
-              f"{tp['per_boundary_ms']:.2f} ms; decode ratios: " +
+              f"{tp['per_boundary_ms']:.2f} ms; per decode step by stage (ms): {tp['per_step_ms_by_stage']}; decode ratios: " +
               ", ".join(f"over {k.split('_over_')[1]} {v:.3f}" for k, v in f["torch_pp"].items() if k.startswith("decode_ratio")))
 
 

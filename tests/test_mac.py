@@ -76,3 +76,14 @@ def test_doctor_flags_what_breaks_a_mac():
     good = {"rank": 0, "host": "studio1", "python": "3.12.1", "iface": "bridge0",
             "mac": {"macos": "15.1", "sleep_minutes": 0, "caffeinate": True, "firewall_on": False}}
     assert mac_checks(good) == ([], [])
+
+
+def test_every_process_of_a_machine_gives_the_same_id():
+    """Where no machine-id file exists (seen on a GPU VM) the fallback must not be a per-process random
+    value, or two ranks on one machine would count as two machines."""
+    import subprocess
+    import sys
+
+    code = "from torch_pp.machine import machine_id, _hardware_address; print(machine_id(), _hardware_address())"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(3)}
+    assert len(outs) == 1, outs

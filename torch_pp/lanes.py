@@ -25,21 +25,6 @@ class Lanes:
     def __init__(self, *, stages: int) -> None:
         self.stages = stages
 
-    def default_count(self, batch: int, kwargs: dict) -> int:
-        """Lanes for a generate() call when none are asked for: one per stage for a greedy
-        batch of at least that many sequences (sampling stays in one lane so that a seed
-        gives transformers' exact tokens)."""
-        if self.stages < 2 or batch < self.stages or kwargs.get("do_sample") or kwargs.get("streamer") is not None:
-            return 1
-        if kwargs.get("return_dict_in_generate") or kwargs.get("num_return_sequences", 1) != 1:
-            return 1
-        if any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
-            return 1
-        gen_config = kwargs.get("generation_config")
-        if gen_config is not None and (gen_config.do_sample or gen_config.return_dict_in_generate):
-            return 1
-        return self.stages
-
     def generate(self, generate, *, lanes: int, pad_with: int, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Split the batch into ``lanes`` sub-batches, generate them concurrently, merge as transformers would.
 

@@ -13,10 +13,12 @@ import shutil
 import subprocess
 
 
-def machine_id() -> str:
-    """An id of this machine that survives renaming and differs between cloned machines.
+def machine_id() -> str | None:
+    """An id of this machine that survives renaming and differs between cloned machines, or None.
 
-    Linux: ``/etc/machine-id``; macOS: the hardware's IOPlatformUUID; else the MAC address.
+    Linux: ``/etc/machine-id``; macOS: the hardware's IOPlatformUUID; else the MAC address. None
+    when none is known (some containers and VMs have no machine-id): then the hostname alone
+    tells machines apart. Never a random value: every process of one machine must agree.
     """
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
@@ -33,9 +35,15 @@ def machine_id() -> str:
                     return line.split("=")[-1].strip().strip('"')
         except (OSError, subprocess.SubprocessError):
             pass
+    return _hardware_address()
+
+
+def _hardware_address() -> str | None:
+    """The MAC address, unless Python had to make one up (a random one, different in every process)."""
     import uuid
 
-    return f"{uuid.getnode():012x}"
+    node = uuid.getnode()
+    return None if node >> 40 & 1 else f"{node:012x}"  # the multicast bit marks a random stand-in
 
 
 def same_machine(a: dict, b: dict) -> bool:

@@ -261,5 +261,5 @@ def _drive(pipe: Pipeline, o: StartOptions) -> None:
         if transport.monitor is not None and not transport.monitor.exit_on_loss:
             transport.monitor.on_lost = pipe.driver.stage_lost
         prefill.install(stage.model, stage.span, stages=plan.num_stages, local_layers=len(plan.layers_of(0)),
-                        chunk=o.prefill_chunk, turn=turn, driver=pipe.driver)
+                        chunk=o.prefill_chunk, turn=turn, driver=pipe.driver, device=pipe.device)
     guard_generate(stage.model, lanes=Lanes(stages=plan.num_stages) if pipe.driver else None, driver=pipe.driver, turn=turn)

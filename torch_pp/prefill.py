@@ -16,19 +16,16 @@ import inspect
 import math
 
 from . import outputs
-from .devices import DeviceTurn
+from .devices import DeviceTurn, min_prefill_chunk
 from .stage import RemoteSpan, StageError
 
-MIN_CHUNK = 64
-
-
-def default_chunk(prompt_len: int, stages: int) -> int:
-    """About four chunks per stage, at least MIN_CHUNK tokens each."""
-    return max(MIN_CHUNK, math.ceil(prompt_len / (4 * stages)))
+def default_chunk(prompt_len: int, stages: int, *, smallest: int = 64) -> int:
+    """About four chunks per stage, at least ``smallest`` tokens each (see ``devices.min_prefill_chunk``)."""
+    return max(smallest, math.ceil(prompt_len / (4 * stages)))
 
 
 def install(model, span: RemoteSpan, *, stages: int, local_layers: int, chunk: int | None = None,
-            turn: DeviceTurn | None = None, driver=None) -> None:
+            turn: DeviceTurn | None = None, driver=None, device=None) -> None:
     """Wrap rank 0's ``model.forward``: pipelined prefills, and per-layer outputs across stages.
 
     Long cached forwards (prefills) are cut into chunks. ``output_hidden_states`` returns
@@ -44,8 +41,10 @@ def install(model, span: RemoteSpan, *, stages: int, local_layers: int, chunk: i
         chunk: The initial ``prefill_chunk``.
         turn: Rank 0's ``devices.DeviceTurn``, held by each call while it does device work.
         driver: The ``runtime.Driver``, told when rank 0's own compute starts and ends (its spans).
+        device: Rank 0's device: it sets the smallest chunk worth sending (``devices.min_prefill_chunk``).
     """
     turn = turn or DeviceTurn()
+    smallest = min_prefill_chunk(device if device is not None else model.device)
     original = model.forward
     model.prefill_chunk = chunk
     signature = inspect.signature(original)
@@ -76,7 +75,7 @@ def install(model, span: RemoteSpan, *, stages: int, local_layers: int, chunk: i
         keep = kwargs.get("logits_to_keep", 0)
         size = model.prefill_chunk
         if x is not None and size is None:
-            size = default_chunk(x.shape[1], stages)
+            size = default_chunk(x.shape[1], stages, smallest=smallest)
         if (x is None or cache is None or not kwargs.get("use_cache", True) or not size
                 or x.shape[1] <= size or not (isinstance(keep, int) and keep >= 1)):
             span.set_stream(keep=keep if isinstance(keep, int) else 0)
