@@ -27,7 +27,8 @@ from .lanes import Lanes
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
 from .options import StartOptions
 from .plan import PlanError, StagePlan
-from .runtime import Driver, agree, agree_on, serve
+from .runtime import Driver, agree, agree_on
+from .serve import serve
 from .sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
 from .machine import keep_awake, same_machine
 from .transport import FRAME_BYTES, Transport
