@@ -156,7 +156,10 @@ class Monitor:
                 if not self.store.check([f"done/{r}"]):
                     return r
                 continue
-            count = int(self.store.get(f"hb/{r}"))
+            # check, then get: a get of a key not yet posted would block this thread (and every other
+            # user of this store connection) until the store's timeout. A monitor not yet started
+            # counts as silent from the first look, so one that never starts is still found.
+            count = int(self.store.get(f"hb/{r}")) if self.store.check([f"hb/{r}"]) else -1
             seen = self._seen.get(r)
             if seen is None or seen[0] != count:
                 self._seen[r] = (count, now)
