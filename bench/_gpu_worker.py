@@ -93,35 +93,30 @@ def main() -> None:
         pipe = None
     for spec in SPECS:  # warm every length and mode once
         measure(model, device, spec)
-    if pipe is not None:
-        base, remote0, calls0 = pipe.stats(), pipe.driver.remote_s, pipe.driver.calls
-    timed = {"wall": 0.0}
-
     def run(spec: dict) -> dict:
-        result = measure(model, device, spec)
-        timed["wall"] += result["wall_s"]
-        return result
+        return measure(model, device, spec)
 
     def finish() -> dict:
         if pipe is None:
             return {"peak_memory_bytes": memory()}
         stages = pipe.stats()
-        remote_s = pipe.driver.remote_s - remote0
-        remote_compute = sum(s["compute_s"] - b["compute_s"] for s, b in zip(stages[1:], base[1:]))
-        hops = (pipe.driver.calls - calls0) * pipe.transport.world_size
-        figures = {"communication_share": (remote_s - remote_compute) / timed["wall"],
-                   "per_boundary_ms": 1000 * (remote_s - remote_compute) / max(1, hops),
-                   "stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes")}
+        figures = {"stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes")}
                               for s in stages]}
-        # Where one decode step's time goes, per stage and kind of span (synchronised stamps).
+        # The wire's share, on one stream of decode alone (lanes and prefill runs would blur it): rank 0's
+        # waits for the stages minus their compute, and where one decode step's time goes per stage.
         from torch_pp.trace import now
 
-        t0 = now()
-        measure(model, device, {"len": 32, "new": 33})
-        spans = pipe.stats(spans_since=t0)
+        remote0, calls0, t0 = pipe.driver.remote_s, pipe.driver.calls, now()
+        run_ = measure(model, device, {"len": 32, "new": 33})
+        after = pipe.stats(spans_since=t0)
+        remote_s = pipe.driver.remote_s - remote0
+        remote_compute = sum(s["compute_s"] - b["compute_s"] for s, b in zip(after[1:], stages[1:]))
+        comm = remote_s - remote_compute
+        figures["communication_share"] = comm / run_["wall_s"]
+        figures["per_boundary_ms"] = 1000 * comm / max(1, (pipe.driver.calls - calls0) * pipe.transport.world_size)
         figures["per_step_ms_by_stage"] = [
             {name: round(1000 * sum(b - max(a, t0) for n, a, b in s["spans"] if n == name) / 33, 3)
-             for name in ("compute", "send", "wait")} for s in spans]
+             for name in ("compute", "send", "wait")} for s in after]
         pipe.close()
         return figures
 

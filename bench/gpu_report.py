@@ -16,8 +16,8 @@ reporting medians:
 Each contender first runs every measurement once (every KV length warmed: cuDNN plans an
 attention kernel per new length). Figures: decode tokens/s (one stream), time to first token
 (1430- and 8192-token prompts; torch_pp unchunked, chunked and by default), a greedy batch of 8
-(torch_pp by default, ``lanes=1`` and ``lanes=2``), peak memory per GPU/stage and torch_pp's
-communication share and own cost per stage boundary.
+(torch_pp by default, ``lanes=1`` and ``lanes=2``), peak memory per GPU/stage, and, on one decode
+stream, torch_pp's communication share, own cost per stage boundary and each stage's time per step.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def main() -> None:
     print_table(rows, ["figure", "unit", *names])
     if "torch_pp" in result:
         tp = result["torch_pp"]
-        print(f"\ntorch_pp: communication share {100 * tp['communication_share']:.1f}%, own cost per stage boundary "
+        print(f"\ntorch_pp, one decode stream: communication share {100 * tp['communication_share']:.1f}%, own cost per stage boundary "
               f"{tp['per_boundary_ms']:.2f} ms; per decode step by stage (ms): {tp['per_step_ms_by_stage']}; decode ratios: " +
               ", ".join(f"over {k.split('_over_')[1]} {v:.3f}" for k, v in f["torch_pp"].items() if k.startswith("decode_ratio")))
 
