@@ -24,7 +24,7 @@ def test_a_lane_failure_is_raised_as_itself():
     """A sub-batch's own error reaches the caller (nothing sent afterwards can mask it)."""
     import torch
 
-    from torch_pp.lanes import Lanes
+    from torch_pp.lanes import split_generate
 
     class Boom(RuntimeError):
         pass
@@ -35,4 +35,4 @@ def test_a_lane_failure_is_raised_as_itself():
         return input_ids
 
     with pytest.raises(Boom, match="lane B failed"):
-        Lanes(stages=2).generate(generate, lanes=2, pad_with=0, input_ids=torch.tensor([[1, 2], [7, 8]]))
+        split_generate(generate, lanes=2, pad_with=0, input_ids=torch.tensor([[1, 2], [7, 8]]))

@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from .options import BALANCES, DTYPE_NAMES, OptionsError, StartOptions, check_generation_args, parse_bytes
+from .plan import PlanError, check_stage_count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +146,7 @@ def preflight(options: StartOptions, world_size: int) -> None:
     Whatever cannot be read here is left to ``start()``, which reports it from every rank.
 
     Raises:
-        OptionsError: for more stages than the model has layers.
+        PlanError: for more stages than the model has layers.
     """
     if options.model is None or options.layers:
         return
@@ -156,9 +157,7 @@ def preflight(options: StartOptions, world_size: int) -> None:
         layers = int(json.loads((Path(options.model) / "config.json").read_text())["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if world_size > layers:
-        raise OptionsError(f"{world_size} stages for a model with {layers} layers: every stage needs at least one "
-                           f"layer; start at most {layers} ranks")
+    check_stage_count(world_size, layers)
 
 
 def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> int:
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         try:  # every rank checks the same command line: one message, and no process group formed
             options = generate_options(args)
             preflight(options, int(os.environ.get("WORLD_SIZE", "1")))
-        except OptionsError as exc:
+        except (OptionsError, PlanError) as exc:
             if _reports(rank):
                 print(f"{prefix}{exc}", file=sys.stderr)
             return 1

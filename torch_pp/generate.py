@@ -17,6 +17,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .devices import DeviceTurn
+from .lanes import split_generate
 from .options import check_generation_args
 
 try:  # the enum moved between transformers releases
@@ -43,7 +44,7 @@ def check_generation_mode(model, kwargs: dict) -> None:
         )
 
 
-def guard_generate(model, *, lanes=None, driver=None, turn=None) -> None:
+def guard_generate(model, *, driver=None, turn=None) -> None:
     """Make ``model.generate`` refuse what the pipeline cannot run, clearly, and accept ``lanes=``.
 
     Refused before anything is sent: modes that reorder or crop the KV cache, and sampling or
@@ -51,10 +52,9 @@ def guard_generate(model, *, lanes=None, driver=None, turn=None) -> None:
 
     Args:
         model: Rank 0's model.
-        lanes: The pipeline's ``torch_pp.lanes.Lanes`` (None with a single stage). ``generate(...,
-            lanes=L)`` then splits the batch into L concurrently running sub-batches (default 1).
-        driver: The pipeline's ``runtime.Driver`` (None with a single stage): after each call it
-            lets the stages drop the caches of finished lanes.
+        driver: The pipeline's ``runtime.Driver`` (None with a single stage). With one, ``generate(...,
+            lanes=L)`` splits the batch into L concurrently running sub-batches (default 1), and after
+            each call the stages drop the caches of finished lanes.
         turn: Rank 0's ``devices.DeviceTurn``: each call holds it while it does device work.
     """
     original = model.generate
@@ -78,7 +78,7 @@ def guard_generate(model, *, lanes=None, driver=None, turn=None) -> None:
 
     def _generate(original, args, kwargs, count):
         ids = kwargs.get("input_ids")
-        if lanes is None or ids is None or args:
+        if driver is None or ids is None or args:
             return original(*args, **kwargs)
         # One lane unless asked: splitting a batch did not pay where measured (2x H200: a greedy
         # batch of 8 ran 4x slower in 2 lanes than in one; the CPU VM: 1.03x). A given cache is
@@ -98,7 +98,7 @@ def guard_generate(model, *, lanes=None, driver=None, turn=None) -> None:
                 return original(**sub)
 
         with turn.given_up():  # while this thread only waits for its lanes
-            return lanes.generate(in_lane, lanes=count, pad_with=pad, **kwargs)
+            return split_generate(in_lane, lanes=count, pad_with=pad, **kwargs)
 
     model.generate = generate
 

@@ -15,40 +15,30 @@ import threading
 import torch
 
 
-class Lanes:
-    """Splitting generate() calls into concurrent sub-batches (rank 0).
+def split_generate(generate, *, lanes: int, pad_with: int, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Split the batch into ``lanes`` sub-batches, generate them concurrently, merge as transformers would.
 
-    Args:
-        stages: Number of pipeline stages.
+    Sub-batches that finish early are right-padded with ``pad_with``, as transformers pads
+    the finished sequences of one batch.
     """
+    parts = [p for p in torch.tensor_split(torch.arange(input_ids.shape[0]), lanes) if len(p)]
+    results: list[torch.Tensor | None] = [None] * len(parts)
+    errors: list[BaseException] = []
 
-    def __init__(self, *, stages: int) -> None:
-        self.stages = stages
+    def run(j: int, rows: torch.Tensor) -> None:
+        sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == input_ids.shape[:1] else v) for k, v in kwargs.items()}
+        try:
+            results[j] = generate(input_ids=input_ids[rows], **sub)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
 
-    def generate(self, generate, *, lanes: int, pad_with: int, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Split the batch into ``lanes`` sub-batches, generate them concurrently, merge as transformers would.
-
-        Sub-batches that finish early are right-padded with ``pad_with``, as transformers pads
-        the finished sequences of one batch.
-        """
-        parts = [p for p in torch.tensor_split(torch.arange(input_ids.shape[0]), lanes) if len(p)]
-        results: list[torch.Tensor | None] = [None] * len(parts)
-        errors: list[BaseException] = []
-
-        def run(j: int, rows: torch.Tensor) -> None:
-            sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == input_ids.shape[:1] else v) for k, v in kwargs.items()}
-            try:
-                results[j] = generate(input_ids=input_ids[rows], **sub)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(j, rows), name=f"torch_pp-lane-{j}") for j, rows in enumerate(parts)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        width = max(r.shape[1] for r in results)
-        padded = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_with) for r in results]
-        return torch.cat(padded, dim=0)
+    threads = [threading.Thread(target=run, args=(j, rows), name=f"torch_pp-lane-{j}") for j, rows in enumerate(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    width = max(r.shape[1] for r in results)
+    padded = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_with) for r in results]
+    return torch.cat(padded, dim=0)

@@ -23,7 +23,6 @@ from .default_model import ensure_default_model
 from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device,
                       pick_dtype)
 from .generate import guard_generate
-from .lanes import Lanes
 from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
 from .options import StartOptions
 from .plan import PlanError, StagePlan
@@ -207,9 +206,6 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         # Whichever rank wins the conversion lock converts, so each may show that one bar.
         model_dir = Path(o.model) if o.model is not None else ensure_default_model(progress=o.progress)
         config = read_config(model_dir)
-        if not o.layers and transport.world_size > config.num_hidden_layers:  # before any expensive step
-            raise PlanError(f"{transport.world_size} stages for a model with {config.num_hidden_layers} layers: every stage "
-                            f"needs at least one layer; start at most {config.num_hidden_layers} ranks")
         weight_map(model_dir)  # fail early when weights are missing
         dev = pick_device(o.device, local_rank=transport.local_rank)
         memory = {"host": transport.host, "machine": transport.hellos[transport.rank].get("machine"), "device": str(dev), "capped": o.max_memory is not None,
@@ -263,4 +259,4 @@ def _drive(pipe: Pipeline, o: StartOptions) -> None:
             transport.monitor.on_lost = pipe.driver.stage_lost
         prefill.install(stage.model, stage.span, stages=plan.num_stages, local_layers=len(plan.layers_of(0)),
                         chunk=o.prefill_chunk, turn=turn, driver=pipe.driver, device=pipe.device)
-    guard_generate(stage.model, lanes=Lanes(stages=plan.num_stages) if pipe.driver else None, driver=pipe.driver, turn=turn)
+    guard_generate(stage.model, driver=pipe.driver, turn=turn)

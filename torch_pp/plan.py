@@ -75,6 +75,17 @@ class StagePlan:
             )
 
 
+def check_stage_count(num_stages: int, num_layers: int) -> None:
+    """Raise PlanError unless every one of ``num_stages`` stages can get at least one of ``num_layers`` layers."""
+    if num_stages < 1:
+        raise PlanError(f"need at least one stage, got {num_stages}")
+    if num_stages > num_layers:
+        raise PlanError(
+            f"{num_stages} stages for a model with {num_layers} layers: every stage needs at least one layer; "
+            f"start at most {num_layers} ranks"
+        )
+
+
 def even_plan(*, num_layers: int, num_stages: int) -> StagePlan:
     """Split layers as evenly as possible; rank 0 gets the smaller share.
 
@@ -88,13 +99,7 @@ def even_plan(*, num_layers: int, num_stages: int) -> StagePlan:
     Raises:
         PlanError: if there are more stages than layers.
     """
-    if num_stages < 1:
-        raise PlanError(f"need at least one stage, got {num_stages}")
-    if num_stages > num_layers:
-        raise PlanError(
-            f"{num_stages} stages for a model with {num_layers} layers: every stage needs at least one layer; "
-            f"start at most {num_layers} ranks"
-        )
+    check_stage_count(num_stages, num_layers)
     base, extra = divmod(num_layers, num_stages)
     sizes = [base] * (num_stages - extra) + [base + 1] * extra
     ranges, start = [], 0

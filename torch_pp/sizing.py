@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .options import BALANCES
-from .plan import PlanError, StagePlan, even_plan, parse_layers
+from .plan import PlanError, StagePlan, check_stage_count, even_plan, parse_layers
 
 # Bytes per parameter; the integer widths are for planning quantised checkpoints.
 BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "8bit": 1.0, "int4": 0.5, "4bit": 0.5}
@@ -153,8 +153,7 @@ def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context:
         PlanError: if there are more ranks than layers.
     """
     n_ranks, n_layers = len(available), sizes.num_layers
-    if n_ranks > n_layers:
-        raise PlanError(f"{n_ranks} stages for a model with {n_layers} layers: every stage needs at least one layer")
+    check_stage_count(n_ranks, n_layers)
     cost = [w + kv for w, kv in layer_bytes(sizes, dtype=dtype, context=context, batch=batch)]
     fixed = [reserve + (int(sizes.rank0_params * BYTES_PER_PARAM[dtype]) if r == 0 else 0) for r in range(n_ranks)]
     free = [max(a - f, 1) for a, f in zip(available, fixed)]
@@ -183,8 +182,7 @@ def compute_plan(sizes: ModelSizes, *, num_stages: int) -> StagePlan:
         PlanError: if there are more stages than layers.
     """
     n = sizes.num_layers
-    if num_stages > n:
-        raise PlanError(f"{num_stages} stages for a model with {n} layers: every stage needs at least one layer")
+    check_stage_count(num_stages, n)
     cost = list(sizes.layer_active_params or sizes.layer_params)
     prefix = [0]
     for c in cost:

@@ -293,7 +293,7 @@ class Transport:
                 "Check the master address and port, the firewall, and that every machine was started"
             ) from exc
         check_hellos(hellos)
-        join_s = float(os.environ.get("TORCH_PP_JOIN_TIMEOUT", "300"))
+        join_s = HELLO_TIMEOUT_S
         address = gloo_address(hellos, rank)
         try:
             group = _form_group(dist.PrefixStore("torch_pp_pg/", base), rank=rank, world_size=world_size,
