@@ -6,6 +6,7 @@ peers are watched through heartbeats only (as between two Macs).
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -25,6 +26,13 @@ def spawn(*args, stale: float) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     return proc
+
+
+def go(port: int, ranks: list[int]) -> None:
+    """Start every monitor at once, and return when each has said what it serves."""
+    client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    client.set("go", "1")
+    dist.PrefixStore("torch_pp/", client).wait([f"role/{r}" for r in ranks])
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, float, str]:
@@ -47,7 +55,7 @@ def test_first_verdict_reaches_every_survivor():
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     ranks = [spawn(0, port, HOSTS, stale=2), spawn(1, port, HOSTS, stale=60), spawn(2, port, HOSTS, stale=60)]
     try:
-        time.sleep(2)
+        go(port, [0, 1, 2])
         ranks[1].send_signal(signal.SIGKILL)
         results = {r: finish(ranks[r], timeout=30) for r in (0, 2)}
     finally:
@@ -66,7 +74,7 @@ def store_gone(*, quiet_peer_first: bool) -> tuple[int, float, str]:
     store = spawn("store", port, stale=60)
     ranks = [spawn(1, port, ",h1,h2", stale=60), spawn(2, port, ",h1,h2", stale=60)]
     try:
-        time.sleep(2)
+        go(port, [1, 2])
         if quiet_peer_first:
             ranks[0].send_signal(signal.SIGKILL)
             time.sleep(4)

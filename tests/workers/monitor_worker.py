@@ -2,6 +2,10 @@
 
     monitor_worker.py store PORT            host the store until killed
     monitor_worker.py RANK PORT HOSTS       run rank RANK's monitor; HOSTS: one host name per rank
+
+A rank prints "ready" once connected and starts its monitor when the test posts "go", so every
+monitor starts at about the same time, as after the runtime's hello (a rank still importing torch
+while the others watch would rightly count as silent).
 """
 
 import datetime
@@ -21,8 +25,9 @@ if role == "store":
 rank, hosts = int(role), sys.argv[3].split(",")
 client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
 peers = {r: {"host": h, "pid": 0} for r, h in enumerate(hosts) if h}  # other hosts: the pid is never checked
+print("ready", flush=True)
+client.wait(["go"])
 monitor = Monitor(dist.PrefixStore("torch_pp/", client), rank=rank, peers=peers).start()
 monitor.describe(layers=(10 * rank, 10 * rank + 10))
-print("ready", flush=True)
 while True:
     time.sleep(1)
