@@ -37,12 +37,42 @@ def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
 
 
-def make_inputs(tok, prompt: str) -> dict:
-    """A chat prompt's input ids, or a fixed 32-token prompt for a model folder without a tokenizer."""
+def load_tokenizer(model_dir):
+    """The folder's tokenizer, or None for a folder without one (a random-weight test model)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        return None
+    tok.padding_side = "left"  # decoder-only batches: generation continues at the right edge
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_inputs(tok, prompts: str | list[str]) -> dict:
+    """Input ids for one prompt or a left-padded batch: through the chat template where the
+    tokenizer has one, plain text where it has none, and a fixed 32-token prompt per row for a
+    folder without a tokenizer."""
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if tok is None:
-        ids = torch.arange(100, 132).unsqueeze(0)
+        ids = torch.stack([torch.arange(100, 132) + 7 * i for i in range(len(batch))])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([[{"role": "user", "content": p}] for p in batch], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True, padding=True)
+    return dict(tok(batch, return_tensors="pt", padding=True))
+
+
+def long_inputs(tok, length: int) -> dict:
+    """A prompt of exactly ``length`` tokens (plain text, or fixed ids without a tokenizer)."""
+    if tok is None:
+        ids = (torch.arange(length) % 97 + 3).unsqueeze(0)  # within any vocabulary
+    else:
+        text = "The history of computing is a long story of machines, people and ideas. "
+        ids = tok(text * (length // 8 + 1), return_tensors="pt")["input_ids"][:, :length]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def median_of(runs: list[dict], key: str) -> float:

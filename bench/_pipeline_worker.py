@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_pp  # noqa: E402
-from _common import make_inputs, serve_turns, timed_generate  # noqa: E402
+from _common import load_tokenizer, make_inputs, serve_turns, timed_generate  # noqa: E402
 
 model_dir, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(1)
@@ -20,7 +20,7 @@ DEVICE, DTYPE = os.environ.get("BENCH_DEVICE", "cpu"), os.environ.get("BENCH_DTY
 
 pipe = torch_pp.start(model_dir, dtype=DTYPE, device=DEVICE, progress=False)
 if pipe.is_driver:
-    tok = pipe.tokenizer() if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else None
+    tok = load_tokenizer(model_dir)
     inputs = {k: v.to(pipe.device) for k, v in make_inputs(tok, prompt).items()}
     timed_generate(pipe.model, inputs, new_tokens=4)  # warm-up
     base = pipe.stats()

@@ -24,7 +24,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import print_table, timed_generate  # noqa: E402
+from _common import load_tokenizer, long_inputs, make_inputs, print_table, timed_generate  # noqa: E402
 
 import torch_pp  # noqa: E402
 import torch_pp.devices  # noqa: E402
@@ -35,12 +35,8 @@ from torch_pp.trace import now  # noqa: E402
 LONG = 1024
 
 
-def prompts(tok):
-    short = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
-                                    return_tensors="pt", return_dict=True)
-    text = "The history of computing is a long story of machines, people and ideas. " * 200
-    ids = tok(text, return_tensors="pt")["input_ids"][:, :LONG]
-    return short, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+def prompts(tok, long: int):
+    return make_inputs(tok, "Say hello."), long_inputs(tok, long)
 
 
 def ttft(model, inputs) -> float:
@@ -52,6 +48,7 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--long", type=int, default=LONG, help="the long prompt's length in tokens")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--layers", help="manual plan, e.g. 0:11,11:30 (overrides --balance)")
     ap.add_argument("--balance", default="memory", choices=BALANCES, help="placement when --layers is not given")
@@ -61,8 +58,8 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = pipe.tokenizer()
-    short, long = prompts(tok)
+    tok = load_tokenizer(pipe.model_dir)
+    short, long = prompts(tok, args.long)
     model = pipe.model
     timed_generate(model, short, new_tokens=4)  # warm-up
     result = {"model": str(pipe.model_dir), "stages": pipe.plan.num_stages, "plan": pipe.plan.spec()}
@@ -86,8 +83,7 @@ def main() -> None:
     # Lanes: L sequences, one lane each, against the single stream above.
     lanes = pipe.plan.num_stages
     texts = [f"Tell me something about topic number {i}." for i in range(lanes)]
-    batch = tok.apply_chat_template([[{"role": "user", "content": t}] for t in texts], add_generation_prompt=True,
-                                    return_tensors="pt", return_dict=True, padding=True)
+    batch = make_inputs(tok, texts)
     model.generate(**batch, max_new_tokens=4, lanes=lanes)  # warm-up
     t2 = now()
     start = time.perf_counter()
@@ -120,8 +116,8 @@ def main() -> None:
     rows = [["decode tok/s (1 stream)", f"{result['decode_tokens_per_s']:.2f}", f"{base.get('decode_tokens_per_s', float('nan')):.2f}"],
             [f"decode tok/s ({result['lanes']} lanes, together)", f"{result['lanes_aggregate_tokens_per_s']:.2f}", "-"],
             ["TTFT short prompt (s)", f"{result['ttft_short_s']:.3f}", f"{base.get('ttft_short_s', float('nan')):.3f}"],
-            [f"TTFT {LONG}-token prompt, unchunked (s)", f"{result['ttft_long_unchunked_s']:.3f}", f"{base.get('ttft_long_s', float('nan')):.3f}"],
-            [f"TTFT {LONG}-token prompt, pipelined (s)", f"{result['ttft_long_pipelined_s']:.3f}", "-"]]
+            [f"TTFT {args.long}-token prompt, unchunked (s)", f"{result['ttft_long_unchunked_s']:.3f}", f"{base.get('ttft_long_s', float('nan')):.3f}"],
+            [f"TTFT {args.long}-token prompt, pipelined (s)", f"{result['ttft_long_pipelined_s']:.3f}", "-"]]
     print_table(rows, ["figure", "torch_pp", "HF 1 process"])
     print()
     print_table([[str(b["rank"]), f"{s['layers'][0]}:{s['layers'][1]}", f"{s['peak_memory_bytes'] / 2**20:.0f}",

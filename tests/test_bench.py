@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 def test_bench_decode_alternates_and_agrees(tiny_models, tmp_path):
@@ -21,3 +21,17 @@ def test_bench_decode_alternates_and_agrees(tiny_models, tmp_path):
     assert [s["layers"] for s in result["pipeline"]["stages"]] == [[0, 2], [2, 4]]
     assert result["pipeline"]["per_boundary_ms"] > 0 and 0 < result["pipeline"]["communication_share"] < 1
     assert "decode ratio pipeline/HF" in run.stdout
+
+
+def test_perf_report_runs_on_a_folder_without_tokenizer(tiny_models, tmp_path):
+    # The tiny models have neither a tokenizer nor a chat template (a random-weight test model).
+    model = tiny_models["llama"]
+    assert not (model / "tokenizer.json").exists() and not (model / "tokenizer_config.json").exists()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          str(ROOT / "bench" / "perf_report.py"), "--model", str(model), "--new-tokens", "4", "--long", "256",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["stages"] == 2 and report["decode_tokens_per_s"] > 0 and report["lanes"] == 2
+    assert report["baseline_hf"]["decode_tokens_per_s"] > 0
+    assert "TTFT 256-token prompt, pipelined" in run.stdout
