@@ -33,5 +33,19 @@ def test_perf_report_runs_on_a_folder_without_tokenizer(tiny_models, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["stages"] == 2 and report["decode_tokens_per_s"] > 0 and report["lanes"] == 2
+    assert report["lanes_speedup_over_one_lane"] > 0 and report["one_lane_same_batch_tokens_per_s"] > 0
     assert report["baseline_hf"]["decode_tokens_per_s"] > 0
     assert "TTFT 256-token prompt, pipelined" in run.stdout
+
+
+def test_bench_lanes_reports_speedup_bound_and_same_tokens(tiny_models, tmp_path):
+    out = tmp_path / "lanes.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_lanes.py"), "--model", str(tiny_models["llama"]),
+                          "--batches", "4", "--new-tokens", "4", "--reps", "2", "--balance", "memory", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(out.read_text())["batches"]["4"]
+    assert row["same_tokens"] is True
+    assert row["bound"] > 0 and row["speedup"] > 0 and len(row["stage_compute_s_2_lanes"]) == 2
+    assert row["rank0_cpu_ms_per_round_2_lanes"] > 0
+    assert "bound here" in run.stdout

@@ -1,0 +1,38 @@
+"""Run under torchrun by bench_lanes.py: one greedy batch in a given number of lanes, on rank 0.
+
+Each turn (``run {"batch", "lanes", "new"}``) reports the wall time, tokens/s, rank 0's CPU
+seconds per decode round, every stage's compute seconds in the run (from its spans) and the tokens.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import torch_pp  # noqa: E402
+from _common import load_tokenizer, make_inputs, serve_turns  # noqa: E402
+from torch_pp import perf  # noqa: E402
+from torch_pp.trace import now  # noqa: E402
+
+model_dir, balance = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+pipe = torch_pp.start(model_dir, balance=balance, progress=False)
+if pipe.is_driver:
+    tok = load_tokenizer(model_dir)
+
+    def run_once(spec: dict) -> dict:
+        inputs = make_inputs(tok, [f"Tell me something about topic number {i}." for i in range(spec["batch"])])
+        new = spec["new"]
+        t0, cpu0, start = now(), time.process_time(), time.perf_counter()
+        with torch.inference_mode():
+            out = pipe.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, lanes=spec["lanes"],
+                                      pad_token_id=tok.pad_token_id if tok is not None else 0)
+        wall, cpu, t1 = time.perf_counter() - start, time.process_time() - cpu0, now()
+        spans = perf.breakdown(pipe.stats(spans_since=t0), start=t0, end=t1)
+        return {"wall_s": wall, "tokens_per_s": spec["batch"] * new / wall, "rank0_cpu_ms_per_round": 1000 * cpu / new,
+                "stage_compute_s": [s["compute_s"] for s in spans], "tokens": out[:, inputs["input_ids"].shape[1]:].tolist()}
+
+    serve_turns(run_once, dict)
+pipe.close()

@@ -1,0 +1,87 @@
+"""Lanes benchmark: a greedy batch in L lanes against the same batch in one lane, same run.
+
+A lane is a sub-batch in flight on its own, so that stage 0 works on one while stage 1 works
+on another. What lanes can gain depends on the hardware: every stage runs each sub-batch
+separately, so a step of B/L sequences must cost well under a step of B for splitting to pay.
+Where decode is bound by reading the weights (small batches on a CPU, any small batch on a
+GPU), a half batch costs nearly a full one and lanes cannot help; where compute grows with the
+batch, they approach L× with L balanced stages.
+
+So the benchmark reports, for each batch size, the measured speed-up next to the bound this
+machine allows, computed from the stages' own compute spans in the same runs:
+
+    bound = wall(1 lane) / max over stages of compute(L lanes)
+
+(every stage busy all the time, nothing else costing anything), and rank 0's CPU seconds per
+decode round for each lane count (lanes must not make rank 0's own work grow faster than the
+number of lanes: one thread at a time does device work, see ``devices.DeviceTurn``).
+
+Runs alternate (1 lane, L lanes, L lanes, 1 lane, ...) after a warm-up; medians are reported.
+
+    python bench/bench_lanes.py [--batches 8,64] [--lanes 2] [--new-tokens 24] [--reps 3] [--balance compute]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import TurnWorker, dump, print_table, torchrun_cmd  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2)")
+    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--balance", default="compute")
+    ap.add_argument("--json", help="also write the JSON result here")
+    args = ap.parse_args()
+
+    from torch_pp.default_model import ensure_default_model
+
+    model_dir = args.model or str(ensure_default_model())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = TurnWorker(torchrun_cmd(args.stages, HERE / "_lanes_worker.py", model_dir, args.balance), env)
+    result = {"model": model_dir, "stages": args.stages, "lanes": args.lanes, "new_tokens": args.new_tokens,
+              "reps": args.reps, "balance": args.balance, "batches": {}}
+    for batch in map(int, args.batches.split(",")):
+        spec = lambda lanes: f'run {{"batch": {batch}, "lanes": {lanes}, "new": {args.new_tokens}}}'  # noqa: E731
+        worker.ask(spec(1)), worker.ask(spec(args.lanes))  # warm-up: every length once
+        runs = {1: [], args.lanes: []}
+        for i in range(args.reps):
+            for lanes in (1, args.lanes) if i % 2 == 0 else (args.lanes, 1):
+                runs[lanes].append(worker.ask(spec(lanes)))
+        one, many = runs[1], runs[args.lanes]
+        row = {
+            "tokens_per_s_1_lane": statistics.median(r["tokens_per_s"] for r in one),
+            f"tokens_per_s_{args.lanes}_lanes": statistics.median(r["tokens_per_s"] for r in many),
+            "speedup": statistics.median(m["tokens_per_s"] / o["tokens_per_s"] for o, m in zip(one, many)),
+            "bound": statistics.median(o["wall_s"] / max(m["stage_compute_s"]) for o, m in zip(one, many)),
+            "rank0_cpu_ms_per_round_1_lane": statistics.median(r["rank0_cpu_ms_per_round"] for r in one),
+            f"rank0_cpu_ms_per_round_{args.lanes}_lanes": statistics.median(r["rank0_cpu_ms_per_round"] for r in many),
+            "stage_compute_s_1_lane": one[0]["stage_compute_s"], f"stage_compute_s_{args.lanes}_lanes": many[0]["stage_compute_s"],
+            "same_tokens": all(o["tokens"] == m["tokens"] for o, m in zip(one, many)),
+        }
+        row["efficiency"] = row["speedup"] / row["bound"]
+        result["batches"][batch] = row
+    worker.close()
+    dump(result, args.json)
+    print()
+    L = args.lanes
+    print_table([[str(b), f"{r['tokens_per_s_1_lane']:.1f}", f"{r[f'tokens_per_s_{L}_lanes']:.1f}", f"{r['speedup']:.2f}x",
+                  f"{r['bound']:.2f}x", f"{r['rank0_cpu_ms_per_round_1_lane']:.0f} / {r[f'rank0_cpu_ms_per_round_{L}_lanes']:.0f}",
+                  str(r["same_tokens"])] for b, r in result["batches"].items()],
+                ["batch", "1 lane tok/s", f"{L} lanes tok/s", "speed-up", "bound here", "rank-0 CPU ms/round", "same tokens"])
+
+
+if __name__ == "__main__":
+    main()
