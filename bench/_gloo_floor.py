@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from torch_pp.transport import FRAME_BYTES
+from torch_pp.net.transport import FRAME_BYTES
 
 work_ms, rounds, out = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dist.init_process_group("gloo")

@@ -22,8 +22,8 @@ if "--hf" in sys.argv:
     sys.exit(0)
 
 import torch_pp  # noqa: E402
-from torch_pp.loading import SafetensorsReader, read_config, weight_map  # noqa: E402
-from torch_pp.plan import even_plan  # noqa: E402
+from torch_pp.model.loading import SafetensorsReader, read_config, weight_map  # noqa: E402
+from torch_pp.placement.plan import even_plan  # noqa: E402
 
 torch.set_num_threads(1)
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

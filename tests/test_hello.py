@@ -2,7 +2,7 @@
 
 import pytest
 
-from torch_pp.transport import SimulatedLink, TransportError, check_hellos
+from torch_pp.net.transport import SimulatedLink, TransportError, check_hellos
 
 
 def hello(host, os_name="Linux", address="10.0.0.1", iface="eth0"):

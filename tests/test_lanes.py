@@ -24,7 +24,7 @@ def test_a_lane_failure_is_raised_as_itself():
     """A sub-batch's own error reaches the caller (nothing sent afterwards can mask it)."""
     import torch
 
-    from torch_pp.lanes import split_generate
+    from torch_pp.runtime.lanes import split_generate
 
     class Boom(RuntimeError):
         pass

@@ -5,8 +5,8 @@ import torch
 
 from tiny_models import write_tiny_model
 from torch_pp.devices import DeviceError, pick_dtype
-from torch_pp.loading import load_stage
-from torch_pp.plan import even_plan
+from torch_pp.model.loading import load_stage
+from torch_pp.placement.plan import even_plan
 
 
 def test_bf16_checkpoint_loads_as_fp16(tmp_path):

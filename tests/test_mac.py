@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from torch_pp.devices import DeviceTurn, default_dtype, peak_memory_bytes, peak_rss_bytes
-from torch_pp.doctor import mac_checks
-from torch_pp.machine import same_machine
+from torch_pp.net.doctor import mac_checks
+from torch_pp.net.machine import same_machine
 
 BF16 = ["float32", "float16", "bfloat16"]
 
@@ -84,6 +84,6 @@ def test_every_process_of_a_machine_gives_the_same_id():
     import subprocess
     import sys
 
-    code = "from torch_pp.machine import machine_id, _hardware_address; print(machine_id(), _hardware_address())"
+    code = "from torch_pp.net.machine import machine_id, _hardware_address; print(machine_id(), _hardware_address())"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(3)}
     assert len(outs) == 1, outs

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from torch_pp.plan import PlanError, StagePlan, even_plan, parse_layers
+from torch_pp.placement.plan import PlanError, StagePlan, even_plan, parse_layers
 
 
 def test_even_split_gives_rank0_the_smaller_share():

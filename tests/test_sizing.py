@@ -12,9 +12,9 @@ import pytest
 
 from conftest import ROOT, torchrun
 from tiny_models import tiny_config
-from torch_pp.plan import PlanError, parse_layers
+from torch_pp.placement.plan import PlanError, parse_layers
 from torch_pp.options import parse_bytes
-from torch_pp.sizing import ModelSizes, choose_plan, compute_plan, memory_plan, model_sizes, stage_needs
+from torch_pp.placement.sizing import ModelSizes, choose_plan, compute_plan, memory_plan, model_sizes, stage_needs
 
 GiB = 2**30
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import WORKERS, torchrun
-from torch_pp import wire
-from torch_pp.wire import Message, Op
+from torch_pp.net import wire
+from torch_pp.net.wire import Message, Op
 
 
 def sample_tensors():

@@ -41,5 +41,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .interactive import close_all, join, local_pipeline
     from .options import OptionsError, StartOptions
     from .pipeline import Pipeline, start
-    from .plan import PlanError, StagePlan, even_plan, parse_layers
-    from .runtime import PipelineError, StartupError
+    from .placement.plan import PlanError, StagePlan, even_plan, parse_layers
+    from .runtime.driver import PipelineError, StartupError

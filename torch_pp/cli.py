@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from .options import BALANCES, DTYPE_NAMES, OptionsError, StartOptions, check_generation_args, parse_bytes
-from .plan import PlanError, check_stage_count
+from .placement.plan import PlanError, check_stage_count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +70,8 @@ def run_plan(args: argparse.Namespace) -> int:
     """``torch_pp plan``: exit 0 if the model fits, 3 if it does not."""
     from pathlib import Path
 
-    from .planning import load_config_only
-    from .sizing import BYTES_PER_PARAM, choose_plan, format_bytes, model_sizes, needs_table, stage_needs
+    from .placement.config import load_config_only
+    from .placement.sizing import BYTES_PER_PARAM, choose_plan, format_bytes, model_sizes, needs_table, stage_needs
 
     if args.dtype not in BYTES_PER_PARAM:
         raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
@@ -101,11 +101,11 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_doctor(args: argparse.Namespace, transport) -> int:
-    from . import doctor
+    from .net import doctor
 
     size = args.message_bytes
     if args.model:
-        from .loading import read_config
+        from .model.loading import read_config
 
         size = read_config(args.model).hidden_size * 2
     report, _, problems = doctor.run(transport, device=args.device, message_bytes=size, expect_gbit=args.expect_gbit)
@@ -241,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_worker(rank)
     from .devices import DeviceError
     from .generate import UnsupportedGenerationError
-    from .runtime import PipelineError, StartupError
-    from .machine import same_machine
-    from .transport import Transport, TransportError
+    from .runtime.driver import PipelineError, StartupError
+    from .net.machine import same_machine
+    from .net.transport import Transport, TransportError
 
     transport = None
     try:

@@ -17,7 +17,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .devices import DeviceTurn
-from .lanes import split_generate
+from .runtime.lanes import split_generate
 from .options import check_generation_args
 
 try:  # the enum moved between transformers releases

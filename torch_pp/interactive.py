@@ -22,7 +22,7 @@ import sys
 from .default_model import WORKER_SCRUB
 from .options import StartOptions
 from .pipeline import Pipeline, start
-from .transport import Transport
+from .net.transport import Transport
 
 # The open pipeline of this process (at most one: a process holds one Gloo group). Held
 # strongly: a pipeline dropped without close() stays open until the next one starts,

@@ -23,14 +23,14 @@ from .default_model import ensure_default_model
 from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device,
                       pick_dtype)
 from .generate import guard_generate
-from .loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
+from .model.loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
 from .options import StartOptions
-from .plan import PlanError, StagePlan
-from .runtime import Driver, agree, agree_on
-from .serve import serve
-from .sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
-from .machine import keep_awake, same_machine
-from .transport import FRAME_BYTES, Transport
+from .placement.plan import PlanError, StagePlan
+from .runtime.driver import Driver, agree, agree_on
+from .runtime.serve import serve
+from .placement.sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
+from .net.machine import keep_awake, same_machine
+from .net.transport import FRAME_BYTES, Transport
 
 
 @dataclass(eq=False)

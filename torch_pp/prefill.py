@@ -15,9 +15,9 @@ import functools
 import inspect
 import math
 
-from . import outputs
+from .model import outputs
 from .devices import DeviceTurn, min_prefill_chunk
-from .stage import RemoteSpan, StageError
+from .model.stage import RemoteSpan, StageError
 
 def default_chunk(prompt_len: int, stages: int, *, smallest: int = 64) -> int:
     """About four chunks per stage, at least ``smallest`` tokens each (see ``devices.min_prefill_chunk``)."""

@@ -5,7 +5,7 @@ import os
 import time
 
 from torch_pp.default_model import ensure_default_model
-from torch_pp.transport import Transport
+from torch_pp.net.transport import Transport
 
 t = Transport.from_env()
 if t.rank == 0:

@@ -14,7 +14,7 @@ import time
 
 import torch.distributed as dist
 
-from torch_pp.liveness import Monitor
+from torch_pp.net.liveness import Monitor
 
 role, port = sys.argv[1], int(sys.argv[2])
 if role == "store":

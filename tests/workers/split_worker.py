@@ -14,7 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import torch_pp
 from torch_pp.generate import UnsupportedGenerationError
-from torch_pp.transport import Transport
+from torch_pp.net.transport import Transport
 
 OUT = os.environ["OUT"]
 models = sys.argv[1:]

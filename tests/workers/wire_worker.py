@@ -10,8 +10,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import torch  # noqa: E402
 
 from test_wire import sample_tensors  # noqa: E402
-from torch_pp.transport import Transport  # noqa: E402
-from torch_pp.wire import Message, Op  # noqa: E402
+from torch_pp.net.transport import Transport  # noqa: E402
+from torch_pp.net.wire import Message, Op  # noqa: E402
 
 t = Transport.from_env()
 tensors = sample_tensors()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import BALANCES
+from ..options import BALANCES
 from .plan import PlanError, StagePlan, check_stage_count, even_plan, parse_layers
 
 # Bytes per parameter; the integer widths are for planning quantised checkpoints.

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .devices import max_buffer_bytes
-from .plan import StagePlan
+from ..devices import max_buffer_bytes
+from ..placement.plan import StagePlan
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v3")

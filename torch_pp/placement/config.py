@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .loading import INDEX_FILE, ModelFolderError, config_dict
+from ..model.loading import INDEX_FILE, ModelFolderError, config_dict
 
 
 def load_config_only(path: Path):

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .devices import memory_available, pick_device, supported_dtypes
+from ..devices import memory_available, pick_device, supported_dtypes
 from .transport import Transport
 from .wire import Message, Op
 

@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from . import activations
-from .devices import stamp
-from .runtime import PipelineError
-from .stage import StageRunner
-from .trace import Tracer, now
-from .transport import Transport
-from .wire import Message, Op
+from ..devices import stamp
+from .driver import PipelineError
+from ..model.stage import StageRunner
+from ..trace import Tracer, now
+from ..net.transport import Transport
+from ..net.wire import Message, Op
 
 log = logging.getLogger("torch_pp")
 

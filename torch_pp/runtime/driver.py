@@ -24,10 +24,10 @@ from typing import Callable
 import torch
 
 from . import activations
-from .devices import DeviceTurn, stamp, to_host
-from .trace import Tracer, now
-from .transport import Transport, TransportError
-from .wire import Message, Op
+from ..devices import DeviceTurn, stamp, to_host
+from ..trace import Tracer, now
+from ..net.transport import Transport, TransportError
+from ..net.wire import Message, Op
 
 log = logging.getLogger("torch_pp")
 

@@ -89,7 +89,7 @@ def local_info() -> dict:
     """This process's facts for the start-up hello and ``doctor``."""
     import transformers
 
-    from ._version import __version__
+    from .._version import __version__
 
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
     return {
