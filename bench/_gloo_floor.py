@@ -15,12 +15,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from torch_pp.net.transport import FRAME_BYTES
+from torch_pp.options import Settings
 
 work_ms, rounds, out = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 nxt, prev = (rank + 1) % world, (rank - 1) % world
+FRAME_BYTES = Settings.from_env().frame_bytes
 frame, inbox = torch.zeros(FRAME_BYTES, dtype=torch.uint8), torch.zeros(FRAME_BYTES, dtype=torch.uint8)
 
 

@@ -25,7 +25,10 @@ sys.path.insert(0, str(HERE))
 from _common import TurnWorker, dump, median_of, print_table, torchrun_cmd  # noqa: E402
 from bench_decode import PROMPT  # noqa: E402
 
-from torch_pp.net.transport import FRAME_BYTES, SimulatedLink  # noqa: E402
+from torch_pp.net.link import SimulatedLink  # noqa: E402
+from torch_pp.options import Settings  # noqa: E402
+
+FRAME_BYTES = Settings.from_env().frame_bytes
 
 
 def run_pipeline(model_dir: str, stages: int, link: str | None, new_tokens: int, reps: int) -> dict:

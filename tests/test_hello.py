@@ -2,7 +2,9 @@
 
 import pytest
 
-from torch_pp.net.transport import SimulatedLink, TransportError, check_hellos
+from torch_pp.errors import TransportError
+from torch_pp.net.link import SimulatedLink
+from torch_pp.net.rendezvous import check_hellos
 
 
 def hello(host, os_name="Linux", address="10.0.0.1", iface="eth0"):

@@ -21,9 +21,11 @@ from ._version import __version__
 _EXPORTS = {
     "Pipeline": "pipeline", "start": "pipeline",
     "close_all": "interactive", "join": "interactive", "local_pipeline": "interactive",
-    "PlanError": "plan", "StagePlan": "plan", "even_plan": "plan", "parse_layers": "plan",
-    "PipelineError": "runtime", "StartupError": "runtime",
-    "StartOptions": "options", "OptionsError": "options",
+    "StagePlan": "placement.plan", "even_plan": "placement.plan", "parse_layers": "placement.plan",
+    "StartOptions": "options", "Settings": "options",
+    **{name: "errors" for name in ("TorchPPError", "OptionsError", "PlanError", "ModelFolderError", "DeviceError",
+                                   "StartupError", "PipelineError", "StageError", "TransportError", "WireError",
+                                   "UnsupportedGenerationError", "DefaultModelError")},
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -39,7 +41,8 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .interactive import close_all, join, local_pipeline
-    from .options import OptionsError, StartOptions
+    from .errors import (DefaultModelError, DeviceError, ModelFolderError, OptionsError, PipelineError, PlanError, StageError,
+                         StartupError, TorchPPError, TransportError, UnsupportedGenerationError, WireError)
+    from .options import Settings, StartOptions
     from .pipeline import Pipeline, start
-    from .placement.plan import PlanError, StagePlan, even_plan, parse_layers
-    from .runtime.driver import PipelineError, StartupError
+    from .placement.plan import StagePlan, even_plan, parse_layers

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from .options import BALANCES, DTYPE_NAMES, OptionsError, StartOptions, check_generation_args, parse_bytes
+from .options import BALANCES, DTYPE_NAMES, OptionsError, Settings, StartOptions, check_generation_args, parse_bytes
 from .placement.plan import PlanError, check_stage_count
 
 
@@ -105,7 +105,7 @@ def run_doctor(args: argparse.Namespace, transport) -> int:
 
     size = args.message_bytes
     if args.model:
-        from .model.loading import read_config
+        from .placement.config import read_config
 
         size = read_config(args.model).hidden_size * 2
     report, _, problems = doctor.run(transport, device=args.device, message_bytes=size, expect_gbit=args.expect_gbit)
@@ -122,7 +122,7 @@ def _quiet_worker(rank: int) -> None:
     if rank != 0:
         hf_logging.set_verbosity_error()
         warnings.filterwarnings("ignore")
-    if os.environ.get("TORCH_PP_DEBUG"):
+    if Settings.from_env().debug:
         logging.getLogger("torch_pp").setLevel(logging.DEBUG)
 
 
@@ -150,12 +150,14 @@ def preflight(options: StartOptions, world_size: int) -> None:
     """
     if options.model is None or options.layers:
         return
-    import json
     from pathlib import Path
 
+    from .errors import TorchPPError
+    from .placement.config import config_dict
+
     try:
-        layers = int(json.loads((Path(options.model) / "config.json").read_text())["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
+        layers = int(config_dict(Path(options.model) / "config.json")["num_hidden_layers"])
+    except (TorchPPError, KeyError, TypeError, ValueError):  # start() reports a bad folder in full, from every rank
         return
     check_stage_count(world_size, layers)
 
@@ -239,11 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{prefix}{exc}", file=sys.stderr)
             return 1
     _quiet_worker(rank)
-    from .devices import DeviceError
-    from .generate import UnsupportedGenerationError
-    from .runtime.driver import PipelineError, StartupError
+    from .errors import PipelineError, StartupError, TorchPPError, TransportError
     from .net.machine import same_machine
-    from .net.transport import Transport, TransportError
+    from .net.transport import Transport
 
     transport = None
     try:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             transport.monitor.await_verdict()
         print(f"{prefix}{exc}", file=sys.stderr)
         return 1
-    except (DeviceError, UnsupportedGenerationError, ValueError) as exc:
+    except TorchPPError as exc:  # ours, with a message for people; anything else is a bug: its traceback shows
         print(f"{prefix}{exc}", file=sys.stderr)
         return 1
     finally:

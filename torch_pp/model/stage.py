@@ -24,15 +24,12 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import DynamicCache
+from ..errors import StageError
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 # runner(hidden, layer_kwargs, past_len=..., use_cache=...) -> final hidden state
 Runner = Callable[..., torch.Tensor]
-
-
-class StageError(RuntimeError):
-    """A stage cannot run the request it was given."""
 
 
 def cache_keyword(layer: nn.Module) -> str:

@@ -35,11 +35,11 @@ import time
 
 import psutil
 
+from ..options import Settings
 from .machine import same_machine
 
 HEARTBEAT_S = 1.0
 POLL_S = 0.5
-STALE_S = float(os.environ.get("TORCH_PP_STALE_S", "8"))
 
 
 def _alive(pid: int) -> bool:
@@ -74,6 +74,7 @@ class Monitor:
         self.verdict: str | None = None
         self.on_lost = None  # callable(verdict), run on the monitor thread
         self.host = peers[rank]["host"]
+        self.stale_s = Settings.from_env().stale_s  # TORCH_PP_STALE_S
         self._stop = threading.Event()
         self._seen: dict[int, tuple[int, float]] = {}
         self._roles: dict[int, str] = {}
@@ -109,9 +110,9 @@ class Monitor:
         except Exception:  # noqa: BLE001 - the store may already be gone at exit
             pass
 
-    def await_verdict(self, timeout_s: float = STALE_S + 4) -> None:
+    def await_verdict(self, timeout_s: float | None = None) -> None:
         """After a communication error, give the monitor time to find (and report) the lost stage."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + (self.stale_s + 4 if timeout_s is None else timeout_s)
         while self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.1)
 
@@ -163,14 +164,14 @@ class Monitor:
             seen = self._seen.get(r)
             if seen is None or seen[0] != count:
                 self._seen[r] = (count, now)
-            elif now - seen[1] > STALE_S:
+            elif now - seen[1] > self.stale_s:
                 return r
         return None
 
     def _lost_message(self, r: int, why: str | None = None) -> str:
         role = self._roles.get(r, "not yet loaded")
         if why is None:
-            why = "its process ended" if same_machine(self.peers[r], self.peers[self.rank]) else f"no heartbeat for {STALE_S:.0f} s (process dead or network down)"
+            why = "its process ended" if same_machine(self.peers[r], self.peers[self.rank]) else f"no heartbeat for {self.stale_s:.0f} s (process dead or network down)"
         return f"lost stage {r} on {self.peers[r]['host']} ({role}): {why}"
 
     def _follow_posted_verdict(self) -> None:

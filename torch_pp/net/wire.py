@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
+from ..errors import WireError
 
 MAGIC = 0x74707070  # "tppp"
 PROTOCOL = 2
@@ -55,10 +56,6 @@ class Op(enum.IntEnum):
     STATS = 5     # each stage appends its figures to meta["stages"]
     PING = 6      # doctor's link measurements: echo or acknowledge
     FREE = 7      # drop lanes' KV caches (meta["lanes"]); forwarded round the ring, no answer
-
-
-class WireError(RuntimeError):
-    """A message that does not follow the protocol (wrong peer, version or size)."""
 
 
 @dataclass

@@ -9,10 +9,7 @@ layers, which is why the default split gives it the smaller share.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-class PlanError(ValueError):
-    """A stage plan that cannot work; the message says why and what to do."""
+from ..errors import PlanError
 
 
 @dataclass(frozen=True)

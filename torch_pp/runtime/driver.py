@@ -28,16 +28,9 @@ from ..devices import DeviceTurn, stamp, to_host
 from ..trace import Tracer, now
 from ..net.transport import Transport, TransportError
 from ..net.wire import Message, Op
+from ..errors import PipelineError, StartupError
 
 log = logging.getLogger("torch_pp")
-
-
-class PipelineError(RuntimeError):
-    """A stage failed while running a request; the message names the stage."""
-
-
-class StartupError(RuntimeError):
-    """One or more ranks could not start; the message lists each rank's problem."""
 
 
 def agree(transport: Transport, phase: Callable[[], object], *, what: str) -> object:

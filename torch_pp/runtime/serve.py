@@ -15,7 +15,7 @@ import torch
 
 from . import activations
 from ..devices import stamp
-from .driver import PipelineError
+from ..errors import PipelineError
 from ..model.stage import StageRunner
 from ..trace import Tracer, now
 from ..net.transport import Transport
