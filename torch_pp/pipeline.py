@@ -27,7 +27,8 @@ from .model.loading import LoadedStage, load_stage, model_fingerprint, weight_ma
 from .placement.config import read_config
 from .options import StartOptions
 from .placement.plan import PlanError, StagePlan
-from .runtime.driver import Driver, agree, agree_on
+from .runtime.agreement import agree, agree_on
+from .runtime.driver import Driver
 from .runtime.serve import serve
 from .placement.sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
 from .net.machine import keep_awake, same_machine

@@ -16,13 +16,14 @@ import time
 import torch
 
 from ..devices import memory_available, pick_device, supported_dtypes
+from .link import Link
 from .transport import Transport
 from .wire import Message, Op
 
 BANDWIDTH_BYTES = 16 * 2**20
 
 
-def _ping(t: Transport, peer: int, payload: torch.Tensor, *, reps: int) -> list[float]:
+def _ping(t: Link, peer: int, payload: torch.Tensor, *, reps: int) -> list[float]:
     rtts = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -32,13 +33,13 @@ def _ping(t: Transport, peer: int, payload: torch.Tensor, *, reps: int) -> list[
     return rtts
 
 
-def _serve_pings(t: Transport, peer: int, count: int) -> None:
+def _serve_pings(t: Link, peer: int, count: int) -> None:
     for _ in range(count):
         msg = t.recv(src=peer)
         t.send(Message(Op.PING, {}, msg.tensors if msg.meta.get("echo") else []), dst=peer)
 
 
-def measure_links(t: Transport, *, message_bytes: int, reps: int = 20, bw_reps: int = 3) -> list[dict]:
+def measure_links(t: Link, *, message_bytes: int, reps: int = 20, bw_reps: int = 3) -> list[dict]:
     """Measure every ring link in turn; every rank must call this. Returns the figures on each rank."""
     small = torch.zeros(message_bytes, dtype=torch.uint8)
     big = torch.zeros(BANDWIDTH_BYTES, dtype=torch.uint8)

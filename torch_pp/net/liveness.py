@@ -19,6 +19,7 @@ rank 0's machine), and rank 0 lingers briefly so survivors can read it.
 A rank that leaves normally first marks itself done, so its silence is not
 mistaken for a failure.
 
+Watching only finds what happened (an ``_Outcome``); one policy, ``Monitor._act``, acts on it.
 A driver inside a notebook kernel must not end its process: built with
 ``exit_on_loss=False``, the monitor records the verdict, hands it to ``on_lost``
 and stops watching; the pipeline then fails its calls with that message.
@@ -32,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import psutil
 
@@ -51,8 +53,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class _Verdict(BaseException):
-    """Ends the monitor thread of a rank that keeps its process (``exit_on_loss=False``)."""
+@dataclass(frozen=True)
+class _Outcome:
+    """What the watching found, for the one policy that acts on it (``Monitor._act``).
+
+    Attributes:
+        message: The line printed when the process ends.
+        code: The process's exit code.
+        verdict: The lost stage, for a loss (None for a stop request or a signal, which
+            always end the process).
+    """
+
+    message: str
+    code: int
+    verdict: str | None = None
 
 
 class Monitor:
@@ -119,13 +133,22 @@ class Monitor:
     # -- the thread -------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            self._watch()
-        except _Verdict:
-            if self.on_lost is not None:
-                self.on_lost(self.verdict)
+        outcome = self._watch()
+        if outcome is not None:
+            self._act(outcome)
 
-    def _watch(self) -> None:
+    def _act(self, outcome: _Outcome) -> None:
+        """The one policy: end the process, or (a notebook's driver, for a lost stage) record the
+        verdict, stop watching and tell ``on_lost``."""
+        if outcome.verdict is None or self.exit_on_loss:
+            self._exit(outcome.message, outcome.code)
+        self.verdict = outcome.verdict
+        self._stop.set()
+        if self.on_lost is not None:
+            self.on_lost(outcome.verdict)
+
+    def _watch(self) -> _Outcome | None:
+        """Heartbeat and watch until stopped (None) or until something must be acted on."""
         beat, last_beat = 0, 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -136,16 +159,21 @@ class Monitor:
                     last_beat = now
                 if self.store.check(["shutdown"]) and self.rank != 0:
                     reason = self.store.get("shutdown").decode()
-                    self._exit(f"torch_pp: rank {self.rank}: the pipeline was stopped on rank 0 ({reason})", 0)
-                self._follow_posted_verdict()
+                    return _Outcome(f"torch_pp: rank {self.rank}: the pipeline was stopped on rank 0 ({reason})", 0)
+                posted = self._posted_verdict()
+                if posted is not None:
+                    return self._stopping(posted)
                 lost = self._lost_peer(now)
             except Exception as exc:  # noqa: BLE001 - the store's host is gone
                 if self._stop.is_set():
-                    return
-                self._store_lost(exc)
+                    return None
+                return self._store_lost(exc)
             if lost is not None:
-                self._declare_lost(lost)
-            self._check_signals()
+                return self._declare_lost(lost)
+            outcome = self._check_signals()
+            if outcome is not None:
+                return outcome
+        return None
 
     def _lost_peer(self, now: float) -> int | None:
         for r, info in self.peers.items():
@@ -174,12 +202,11 @@ class Monitor:
             why = "its process ended" if same_machine(self.peers[r], self.peers[self.rank]) else f"no heartbeat for {self.stale_s:.0f} s (process dead or network down)"
         return f"lost stage {r} on {self.peers[r]['host']} ({role}): {why}"
 
-    def _follow_posted_verdict(self) -> None:
-        """Stop with another rank's verdict, if one was posted."""
-        if self.store.check(["lost"]):
-            self._stopping(self.store.get("lost").decode())
+    def _posted_verdict(self) -> str | None:
+        """Another rank's verdict, if one was posted."""
+        return self.store.get("lost").decode() if self.store.check(["lost"]) else None
 
-    def _declare_lost(self, r: int) -> None:
+    def _declare_lost(self, r: int) -> _Outcome:
         """Post the verdict for every survivor, then stop this rank."""
         verdict = self._lost_message(r)
         try:
@@ -189,7 +216,7 @@ class Monitor:
             pass
         if self.rank == 0:
             self._await_survivors(lost=r)
-        self._stopping(verdict)
+        return self._stopping(verdict)
 
     def _await_survivors(self, *, lost: int, timeout_s: float = 3.0) -> None:
         """Rank 0's machine hosts the store: keep it up until the survivors have read the verdict."""
@@ -202,55 +229,50 @@ class Monitor:
                 return
             time.sleep(0.05)
 
-    def _store_lost(self, exc: Exception) -> None:
+    def _store_lost(self, exc: Exception) -> _Outcome:
         """The store is unreachable: name the stage whose heartbeat went quiet first, if any did."""
         now = time.monotonic()
         quiet = {r: now - t for r, (_, t) in self._seen.items() if now - t > 2.5 * HEARTBEAT_S}
         if quiet:
             r = max(quiet, key=quiet.get)
-            self._stopping(self._lost_message(r, f"no heartbeat for {quiet[r]:.0f} s, then rank 0's store went away"))
+            return self._stopping(self._lost_message(r, f"no heartbeat for {quiet[r]:.0f} s, then rank 0's store went away"))
         addr = os.environ.get("MASTER_ADDR")
         where = f" ({addr}:{os.environ.get('MASTER_PORT')})" if addr else ""
-        self._fail(f"rank {self.rank} lost the rendezvous store on rank 0's machine{where}: {exc}. "
+        verdict = (f"rank {self.rank} lost the rendezvous store on rank 0's machine{where}: {exc}. "
                    "Stage 0 is gone or unreachable")
+        return _Outcome(f"torch_pp: error: {verdict}", 1, verdict)
 
-    def _stopping(self, verdict: str) -> None:
-        if not self.exit_on_loss:
-            self._fail(verdict)
-        self._exit(f"torch_pp: error: {verdict}; rank {self.rank} on {self.host} is stopping", 1)
+    def _stopping(self, verdict: str) -> _Outcome:
+        return _Outcome(f"torch_pp: error: {verdict}; rank {self.rank} on {self.host} is stopping", 1, verdict)
 
-    def _fail(self, verdict: str) -> None:
-        if self.exit_on_loss:
-            self._exit(f"torch_pp: error: {verdict}", 1)
-        self.verdict = verdict
-        self._stop.set()
-        raise _Verdict
-
-    def _check_signals(self) -> None:
+    def _check_signals(self) -> _Outcome | None:
+        """Wait one poll for a signal (or just sleep); a signal ends the process."""
         if self._wakeup_r is None:
             time.sleep(POLL_S)
-            return
+            return None
         import select
 
         ready, _, _ = select.select([self._wakeup_r], [], [], POLL_S)
         if not ready:
-            return
+            return None
         signums = os.read(self._wakeup_r, 64)
         try:
-            self._follow_posted_verdict()
+            posted = self._posted_verdict()
+            if posted is not None:
+                return self._stopping(posted)
             lost = self._lost_peer(time.monotonic())
         except Exception:  # noqa: BLE001
             lost = None
         if lost is not None:  # torchrun stops us because a stage died: say which
-            self._declare_lost(lost)
+            return self._declare_lost(lost)
         if self.rank == 0:
             name = "Ctrl-C" if signal.SIGINT in signums else "terminated"
             try:
                 self.store.set("shutdown", f"{name} on {self.host}")
             except Exception:  # noqa: BLE001
                 pass
-            self._exit(f"torch_pp: {name}: stopping every stage", 130 if signal.SIGINT in signums else 143)
-        self._exit(f"torch_pp: rank {self.rank}: stopped by a signal", 143)
+            return _Outcome(f"torch_pp: {name}: stopping every stage", 130 if signal.SIGINT in signums else 143)
+        return _Outcome(f"torch_pp: rank {self.rank}: stopped by a signal", 143)
 
     def _exit(self, message: str, code: int) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Where the transport meets the stages on rank 0: the start-up agreement and the driver.
+"""Rank 0's side of the ring: the driver.
 
 The ring is 0 -> 1 -> ... -> N-1 -> 0. Rank 0 sends FORWARD (activations plus the
 remote layers' arguments) to rank 1; each stage runs its layers and passes the
@@ -12,79 +12,22 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import logging
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
-from typing import Callable
 
 import torch
 
 from . import activations
 from ..devices import DeviceTurn, stamp, to_host
 from ..trace import Tracer, now
-from ..net.transport import Transport, TransportError
+from ..net.link import Link
 from ..net.wire import Message, Op
-from ..errors import PipelineError, StartupError
+from ..errors import PipelineError, TransportError
+from .replies import ReplyRouter
 
-log = logging.getLogger("torch_pp")
-
-
-def agree(transport: Transport, phase: Callable[[], object], *, what: str) -> object:
-    """Run ``phase`` on every rank, then fail every rank if any rank failed.
-
-    Every rank reaches the same collective whether its phase worked or not, so a
-    problem on one rank becomes one clear error on all of them instead of a hang.
-
-    Returns:
-        The phase's result on this rank.
-
-    Raises:
-        StartupError: naming each failed rank, its host and its message.
-    """
-    result, error = None, None
-    try:
-        result = phase()
-    except Exception as exc:  # noqa: BLE001 - reported to every rank below
-        error = str(exc) or type(exc).__name__
-        log.debug("rank %d failed to %s:\n%s", transport.rank, what, traceback.format_exc())
-    rows = transport.all_gather({"rank": transport.rank, "host": transport.host, "error": error})
-    failed = [r for r in rows if r["error"]]
-    if not failed:
-        return result
-    if transport.world_size == 1:
-        raise StartupError(failed[0]["error"])
-    # Group identical messages so that N ranks with the same problem read as one line.
-    groups: dict[str, list[dict]] = {}
-    for r in failed:
-        groups.setdefault(r["error"], []).append(r)
-    lines = []
-    for error, who in groups.items():
-        ranks = ", ".join(str(r["rank"]) for r in who)
-        hosts = ", ".join(sorted({r["host"] for r in who}))
-        lines.append(f"{'rank' if len(who) == 1 else 'ranks'} {ranks} ({hosts}): {error}")
-    raise StartupError(f"could not {what}:\n  " + "\n  ".join(lines))
-
-
-def agree_on(transport: Transport, facts: dict[str, object]) -> None:
-    """Fail every rank, naming ranks and values, unless all ranks hold the same ``facts``.
-
-    Raises:
-        StartupError: listing each fact that differs and what each rank has.
-    """
-    rows = transport.all_gather({"host": transport.host, **facts})
-    problems = []
-    for key in facts:
-        values = [row[key] for row in rows]
-        if len(set(map(str, values))) > 1:
-            detail = "; ".join(f"rank {r} ({row['host']}): {row[key]}" for r, row in enumerate(rows))
-            problems.append(f"ranks disagree on {key.replace('_', ' ')}: {detail}")
-    if problems:
-        raise StartupError("the ranks are not set up alike:\n  " + "\n  ".join(problems) +
-                           "\n  Use the same model folder, torch_pp version and options on every machine")
 
 
 class _Held:
@@ -126,7 +69,7 @@ class Driver:
     cache a request uses on the stages (its lane) is separate: see ``stage.RemoteSpan``.
 
     Args:
-        transport: The ring's transport.
+        transport: The ring's link (see ``net.link.Link``).
         device: Rank 0's device.
         freed: Lanes whose rank-0 cache is gone (filled by ``RemoteSpan``); the driver tells
             the stages to drop them with its next send.
@@ -134,7 +77,7 @@ class Driver:
             thread at a time does device work (see ``devices.DeviceTurn``).
     """
 
-    def __init__(self, transport: Transport, *, device: torch.device, freed: collections.deque | None = None,
+    def __init__(self, transport: Link, *, device: torch.device, freed: collections.deque | None = None,
                  turn: DeviceTurn | None = None) -> None:
         self.transport = transport
         self.device = device
@@ -146,9 +89,7 @@ class Driver:
         self._local = threading.local()  # per thread: start of rank 0's current compute stretch
         self._send_lock = threading.Lock()
         self._request_ids = itertools.count(1)
-        self._recv = threading.Condition()
-        self._receiving = False
-        self._stash: dict[int, Message] = {}  # replies that arrived for another thread
+        self._replies = ReplyRouter(lambda: transport.recv(src=transport.world_size - 1))
         self.lost: str | None = None  # the liveness verdict, once a stage is lost: every call fails with it
         self.in_flight = 0  # threads inside a send or an exchange
         self._count = threading.Lock()
@@ -291,34 +232,11 @@ class Driver:
         with _interrupts_held() as held, self._flight():
             self._put(message)
             t1 = now()
-            reply = self._await(request)
+            reply = self._replies.await_reply(request)
             self.tracer.add("wait", t1, now())
         if held.count:
             raise KeyboardInterrupt
         return reply
-
-    def _await(self, request: int) -> Message:
-        with self._recv:
-            while True:
-                if request in self._stash:
-                    return self._stash.pop(request)
-                if not self._receiving:
-                    break
-                self._recv.wait()
-            self._receiving = True
-        try:
-            while True:  # this thread receives for everyone until its own reply arrives
-                msg = self.transport.recv(src=self.last_rank)
-                owner = msg.meta.get("req")
-                if owner == request:
-                    return msg
-                with self._recv:
-                    self._stash[owner] = msg
-                    self._recv.notify_all()
-        finally:
-            with self._recv:
-                self._receiving = False
-                self._recv.notify_all()
 
     def collect_stats(self, *, spans_since: float | None = None) -> list[dict]:
         """Each remote stage's figures (see ``serve``), in rank order; with their spans if asked."""

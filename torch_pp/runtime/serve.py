@@ -18,22 +18,23 @@ from ..devices import stamp
 from ..errors import PipelineError
 from ..model.stage import StageRunner
 from ..trace import Tracer, now
-from ..net.transport import Transport
+from ..net.link import Link
 from ..net.wire import Message, Op
 
 log = logging.getLogger("torch_pp")
 
 
-def serve(transport: Transport, runner: StageRunner, *, device: torch.device, describe: Callable[[], dict]) -> None:
+def serve(transport: Link, runner: StageRunner, *, device: torch.device, describe: Callable[[], dict]) -> None:
     """Serve this stage (ranks > 0) until rank 0 ends the session.
 
     Args:
-        transport: The ring's transport.
+        transport: The ring's link (see ``net.link.Link``).
         runner: This stage's layers and cache.
         device: Where this stage computes.
         describe: Returns this stage's figures for STATS.
     """
-    rank, nxt, prev = transport.rank, transport.next_rank, transport.prev_rank
+    rank = transport.rank
+    nxt, prev = (rank + 1) % transport.world_size, (rank - 1) % transport.world_size
     is_last = nxt == 0
     first, last = min(runner.layers), max(runner.layers) + 1
     busy = {"compute_s": 0.0, "forwards": 0}
