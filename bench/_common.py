@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 import torch
 
 from torch_pp.generate import TokenTimer
+from torch_pp.net.rendezvous import free_port  # noqa: F401 - the benchmarks' one free_port
+from torch_pp.tables import table
 
 
 def timed_generate(model, inputs: dict, *, new_tokens: int) -> dict:
@@ -23,12 +24,6 @@ def timed_generate(model, inputs: dict, *, new_tokens: int) -> dict:
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=timer)
     wall = time.perf_counter() - start
     return {"ttft_s": timer.ttft_s, "decode_tokens_per_s": timer.decode_tokens_per_s, "wall_s": wall, "tokens": out[0].tolist()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
@@ -80,12 +75,7 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def print_table(rows: list[list], headers: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format(*headers))
-    print(line.format(*["-" * w for w in widths]))
-    for row in rows:
-        print(line.format(*row))
+    print("\n".join(table(headers, rows)))
 
 
 def dump(result: dict, path: str | None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,11 +26,7 @@ os.environ.setdefault("TORCH_PP_DEVICE", TEST_DEVICE)
 os.environ.setdefault("TEST_DEVICE", TEST_DEVICE)
 WORKERS = Path(__file__).parent / "workers"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torch_pp.net.rendezvous import free_port  # noqa: E402,F401 - the tests' one free_port
 
 
 @dataclass

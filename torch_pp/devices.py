@@ -14,10 +14,11 @@ import sys
 import threading
 
 import torch
+from .dtypes import COMPUTE, to_torch
 from .errors import DeviceError
 from .options import Settings
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: to_torch(name) for name in COMPUTE}
 
 
 def pick_device(requested: str | None = None, *, local_rank: int = 0) -> torch.device:

@@ -14,26 +14,18 @@ process (a process holds one Gloo group): opening another closes the previous on
 from __future__ import annotations
 
 import atexit
-import os
-import socket
 import subprocess
 import sys
 
-from .default_model import WORKER_SCRUB
-from .options import StartOptions
+from .options import StartOptions, child_env
 from .pipeline import Pipeline, start
+from .net.rendezvous import free_port
 from .net.transport import Transport
 
 # The open pipeline of this process (at most one: a process holds one Gloo group). Held
 # strongly: a pipeline dropped without close() stays open until the next one starts,
 # close_all() runs, or the process exits, each of which closes it and ends its workers.
 _open: list[Pipeline] = []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _close_previous() -> None:
@@ -74,8 +66,8 @@ def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **op
     if not isinstance(stages, int) or stages < 1:
         raise ValueError(f"stages must be a whole number of at least 1, not {stages!r}")
     _close_previous()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in WORKER_SCRUB}
+    port = free_port()
+    env = child_env()
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     procs = [

@@ -16,10 +16,10 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from .dtypes import COMPUTE as DTYPE_NAMES
 from .errors import OptionsError
 
 BALANCES = ("memory", "compute", "even")
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_FRAME_BYTES = 32 * 1024  # a decode step's message fits one frame (see net.wire)
 _DEVICE = re.compile(r"(cpu|mps|auto|cuda(:\d+)?)")
 
@@ -168,3 +168,12 @@ class Settings:
             else:
                 values[name] = text
         return cls(**values)
+
+
+# torchrun's rank variables: a helper process must not think it is a rank of this group.
+_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a helper process: this one's, without torchrun's rank variables."""
+    return {k: v for k, v in os.environ.items() if k not in _RANK_VARS}

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from ..devices import max_buffer_bytes
+from ..dtypes import SAFETENSORS, to_torch
 from ..placement.plan import StagePlan
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 from ..errors import ModelFolderError
@@ -40,10 +41,7 @@ _FUSED_EXPERTS = {
 }
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+_ST_DTYPES = {code: to_torch(name) for code, name in SAFETENSORS.items()}
 
 
 class SafetensorsReader:

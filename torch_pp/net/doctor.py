@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..devices import memory_available, pick_device, supported_dtypes
+from ..tables import table
 from .link import Link
 from .transport import Transport
 from .wire import Message, Op
@@ -148,10 +149,10 @@ def format_report(report: dict) -> str:
     rows = [[str(n["rank"]), n["host"], n["os"], n["python"], n["torch"], n["transformers"], n["torch_pp"], n["device"],
              ",".join(d.replace("float", "f").replace("bf", "bf") for d in n["dtypes"]),
              f"{n['memory_available_bytes'] / 2**30:.1f} GiB", f"{n['address']} ({n['iface'] or 'default'})"] for n in report["nodes"]]
-    lines += _table(head, rows)
+    lines += table(head, rows)
     if report["links"]:
         lines.append("")
-        lines += _table(["link", "one-way latency", "bandwidth"],
+        lines += table(["link", "one-way latency", "bandwidth"],
                         [[f"{l['from']} -> {l['to']}", f"{l['latency_ms']:.3f} ms", f"{l['gbit_per_s']:.2f} Gbit/s"] for l in report["links"]])
     for w in report["warnings"]:
         lines.append(f"warning: {w}")
@@ -159,9 +160,3 @@ def format_report(report: dict) -> str:
         lines.append(f"problem: {p}")
     lines.append("doctor: " + ("problems found: a run would fail" if report["problems"] else "ok"))
     return "\n".join(lines)
-
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]

@@ -119,6 +119,13 @@ def join_failure(store, hellos: dict[int, dict], *, rank: int, address: str, sec
             "incoming connections), and GLOO_SOCKET_IFNAME (launch/node.sh --iface)")
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a store this process hosts, or a test's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Rendezvous:
     """This rank's connection to the store on rank 0's machine, and what the ranks posted there.
 

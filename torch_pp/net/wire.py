@@ -24,23 +24,18 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
+from ..dtypes import WIRE, to_torch
 from ..errors import WireError
+from ..options import DEFAULT_FRAME_BYTES
 
 MAGIC = 0x74707070  # "tppp"
 PROTOCOL = 2
 HEADER_WORDS = 8
 HEADER_BYTES = HEADER_WORDS * 8
 _HEADER = struct.Struct("<8q")
-DEFAULT_FRAME_BYTES = 32 * 1024
 _ALIGN = 16
 
-_DTYPES = {
-    str(dt).removeprefix("torch."): dt
-    for dt in (
-        torch.float32, torch.float16, torch.bfloat16, torch.float64,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    )
-}
+_DTYPES = {name: to_torch(name) for name in WIRE}
 
 
 _NAMES = {dt: name for name, dt in _DTYPES.items()}

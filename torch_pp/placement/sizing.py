@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import BALANCES
+from ..tables import table
 from .plan import PlanError, StagePlan, check_stage_count, even_plan, parse_layers
 
 # Bytes per parameter; the integer widths are for planning quantised checkpoints.
@@ -250,6 +251,4 @@ def needs_table(needs: list[StageNeed]) -> str:
     rows = [[str(s.rank), f"{s.layers[0]}:{s.layers[1]}", format_bytes(s.weight_bytes), format_bytes(s.kv_bytes),
              format_bytes(s.reserve_bytes), format_bytes(s.total_bytes), format_bytes(s.available_bytes),
              format_bytes(s.headroom_bytes), "yes" if s.fits else "NO"] for s in needs]
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+    return "\n".join(table(head, rows))
