@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, torchrun
-from tiny_models import tiny_config
+from tiny_models import ARCHS, tiny_config
 from torch_pp.placement.plan import PlanError, parse_layers
 from torch_pp.options import parse_bytes
 from torch_pp.placement.sizing import ModelSizes, choose_plan, compute_plan, memory_plan, model_sizes, stage_needs
@@ -24,15 +24,36 @@ def llama():
     return model_sizes(tiny_config("llama", layers=12))
 
 
-def test_counts_match_the_real_model():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_counts_match_the_real_model(arch):
     from transformers import AutoModelForCausalLM
 
-    for arch in ("llama", "qwen2", "deepseek_v3"):
-        config = tiny_config(arch, layers=4)
-        sizes = model_sizes(config)
-        model = AutoModelForCausalLM.from_config(config)
-        total = sum(p.numel() for p in model.parameters())  # tied weights counted once
-        assert sum(sizes.layer_params) + sizes.rank0_params == total, arch
+    config = tiny_config(arch, layers=4)
+    sizes = model_sizes(config)
+    model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    assert sum(sizes.layer_params) + sizes.rank0_params == total, arch
+    head = model.get_output_embeddings().weight.numel()
+    assert sizes.head_params == head
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_sizing_matches_the_cache_transformers_fills(arch):
+    """Per layer, the planned KV bytes bound what transformers' own cache holds after a prompt
+    longer than the sliding window, by at most one token (it keeps window - 1)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    config = tiny_config(arch, layers=4)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cache, tokens = DynamicCache(config=config), 40  # the tiny windows are 16
+    with torch.no_grad():
+        model(torch.randint(3, 200, (1, tokens)), past_key_values=cache, use_cache=True)
+    held = [layer.keys.numel() + layer.values.numel() for layer in cache.layers]
+    sizes = model_sizes(config)
+    planned = [kv * (min(tokens, win) if win else tokens) for kv, win in zip(sizes.kv_elems_per_token, sizes.kv_window)]
+    for i, (p, h, kv) in enumerate(zip(planned, held, sizes.kv_elems_per_token)):
+        assert 0 <= p - h <= kv, f"{arch} layer {i}: planned {p} elements, the cache holds {h}"
 
 
 def test_moe_layers_differ_from_dense():
@@ -159,7 +180,8 @@ def plan_cli(*args):
     return subprocess.run([sys.executable, "-m", "torch_pp", "plan", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
-@pytest.mark.parametrize("arch, tied", [("llama", False), ("qwen2", True), ("deepseek_v3", False)])
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("qwen2", True), ("deepseek_v3", False), ("mixtral", False),
+                                        ("gemma2", True), ("qwen3_moe", False), ("phi3", False)])
 def test_plan_cli_from_config_alone(tmp_path, arch, tied):
     folder = write_config(tmp_path / arch, arch)
     out = plan_cli(folder / "config.json", "--memory", "3GiB,1.5GiB", "--dtype", "float32", "--output", "json")
@@ -200,3 +222,16 @@ def test_budget_failure_before_loading_under_torchrun(tiny_models):
     assert run.stderr.count("the model does not fit this cluster") == 1, run.stderr[-3000:]
     assert "headroom" in run.stderr and "NO" in run.stderr
     assert "load the model" not in run.stderr  # failed while placing, before any weight was read
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_compute_plan_counts_active_experts_of_every_moe_family(arch):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, layers=4)  # 4 routed experts, 2 per token
+    sizes = model_sizes(config)
+    model = AutoModelForCausalLM.from_config(config)
+    routed = sum(p.numel() for n, p in model.named_parameters()
+                 if n.startswith("model.layers.1.") and ".experts." in n and "shared_expert" not in n)
+    assert routed > 0
+    assert sizes.layer_params[1] - sizes.layer_active_params[1] == routed // 2

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 
 from .options import BALANCES, DTYPE_NAMES, OptionsError, Settings, StartOptions, check_generation_args, parse_bytes
@@ -238,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             preflight(options, int(os.environ.get("WORLD_SIZE", "1")))
         except (OptionsError, PlanError) as exc:
             if _reports(rank):
-                print(f"{prefix}{exc}", file=sys.stderr)
+                print(f"{prefix}{exc}", file=sys.stderr, flush=True)
+            else:  # torchrun stops every rank when the first one exits: let the reporting rank's line out first
+                time.sleep(1.0)
             return 1
     _quiet_worker(rank)
     from .errors import PipelineError, StartupError, TorchPPError, TransportError

@@ -12,6 +12,7 @@ COMPUTE = ("float32", "float16", "bfloat16")  # what a stage may compute in
 _CODES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "complex64": "C64",  # rotary tables of some families (llama4, deepseek_v2) travel as complex numbers
 }
 WIRE = tuple(_CODES)
 SAFETENSORS = {code: name for name, code in _CODES.items()}  # safetensors code -> name

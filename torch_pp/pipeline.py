@@ -23,7 +23,7 @@ from .default_model import ensure_default_model
 from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device,
                       pick_dtype)
 from .generate import guard_generate
-from .model.loading import LoadedStage, load_stage, model_fingerprint, weight_map
+from .model.loading import LoadedStage, load_stage, model_fingerprint
 from .placement.config import read_config
 from .options import StartOptions
 from .placement.plan import PlanError, StagePlan
@@ -208,18 +208,17 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         # Whichever rank wins the conversion lock converts, so each may show that one bar.
         model_dir = Path(o.model) if o.model is not None else ensure_default_model(progress=o.progress)
         config = read_config(model_dir)
-        weight_map(model_dir)  # fail early when weights are missing
+        sizes = model_sizes(config)  # refuses a model whose layers are not where archs.LAYOUT says, before any weight
         dev = pick_device(o.device, local_rank=transport.local_rank)
         memory = {"host": transport.host, "machine": transport.hellos[transport.rank].get("machine"), "device": str(dev), "capped": o.max_memory is not None,
                   "bytes": o.max_memory if o.max_memory is not None else memory_available(dev)}
         dt = pick_dtype(o.dtype, dev, checkpoint_dtype(config))
-        return model_dir, config, dev, dt, model_fingerprint(model_dir), memory
+        return model_dir, sizes, dev, dt, model_fingerprint(model_dir), memory
 
-    def place(config, dt, rows):
+    def place(sizes, dt, rows):
         # Ranks on one machine (or one GPU) share its memory.
         available = [r["bytes"] if r["capped"] else r["bytes"] // sum(same_machine(q, r) and q["device"] == r["device"] for q in rows)
                      for r in rows]
-        sizes = model_sizes(config)
         plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance, available=available,
                            dtype=dtype_name(dt), context=o.context, batch=o.batch)
         needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=o.context, batch=o.batch, available=available,
@@ -232,9 +231,9 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         cap_memory(dev, available[transport.rank])  # MPS: hold this rank to its share of the Mac's memory
         return plan
 
-    model_dir, config, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
+    model_dir, sizes, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
     rows = transport.all_gather(memory)
-    plan = agree(transport, lambda: place(config, dt, rows), what="place the model")
+    plan = agree(transport, lambda: place(sizes, dt, rows), what="place the model")
     agree_on(transport, {
         "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
         "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": transport.frame_bytes,

@@ -10,6 +10,8 @@ not own.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -24,21 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from .. import archs
 from ..devices import max_buffer_bytes
 from ..dtypes import SAFETENSORS, to_torch
 from ..placement.plan import StagePlan
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 from ..errors import ModelFolderError
 from ..placement.config import INDEX_FILE, SINGLE_FILE, read_config
-
-
-# Transformers fuses per-expert MoE weights at load time (its "qwen2_moe" conversion,
-# used by deepseek_v3): checkpoint `mlp.experts.{e}.gate_proj.weight` and `.up_proj.weight`
-# become `mlp.experts.gate_up_proj` [E, 2I, H]; `.down_proj.weight` becomes `mlp.experts.down_proj` [E, H, I].
-_FUSED_EXPERTS = {
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
 
 
 _ST_DTYPES = {code: to_torch(name) for code, name in SAFETENSORS.items()}
@@ -137,12 +131,14 @@ def model_fingerprint(model_dir: str | os.PathLike, *, samples: int = 16, chunk:
 
 
 def build_skeleton(config) -> PreTrainedModel:
-    """The full model on the meta device: structure and names, no memory."""
+    """The full model on the meta device: structure and names, no memory.
+
+    Raises:
+        ModelFolderError: for a model whose parts are not laid out as ``archs.LAYOUT`` expects.
+    """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if not hasattr(model.model, attr):
-            raise ModelFolderError(f"{config.model_type} has no model.{attr}; only the Llama layout is supported")
+    archs.check_layout(model, model_type=config.model_type)
     return model.eval()
 
 
@@ -175,14 +171,13 @@ def load_stage(
     model = build_skeleton(config)
     span, runner = _trim(model, plan=plan, rank=rank), None
     _materialise(model, Path(model_dir), weights, device=device, dtype=dtype, rank=rank, plan=plan, progress=progress)
+    _rebuild_buffers(model, device=device)
     if rank == 0:
-        # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
         gen_file = Path(model_dir) / "generation_config.json"
         if gen_file.is_file():
             model.generation_config = GenerationConfig.from_pretrained(model_dir)
     else:
-        layers = {i: model.model.layers[i] for i in plan.layers_of(rank)}
+        layers = {i: archs.LAYOUT.layer_list(model)[i] for i in plan.layers_of(rank)}
         runner = StageRunner(layers, model.config)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
@@ -194,21 +189,25 @@ def load_stage(
 def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int) -> RemoteSpan | None:
     """Drop or replace every module this rank does not own; on rank 0 return the remote span."""
     owned = plan.layers_of(rank)
-    layers = model.model.layers
+    layers = archs.LAYOUT.layer_list(model)
     if rank == 0:
         if plan.num_stages == 1:
             return None
         span = RemoteSpan(range(owned.stop, plan.num_layers), accepts=layer_arguments(layers[owned.stop]))
         for i in span.layer_indices:
-            layers[i] = RemoteLayer(i, span, getattr(layers[i], "attention_type", None))
+            layers[i] = RemoteLayer.replacing(layers[i], i, span)
         return span
     for i in range(plan.num_layers):
         if i not in owned:
             layers[i] = nn.Module()  # an empty slot keeps global indices and names
-    model.model.embed_tokens = None
-    model.model.norm = None
-    model.model.rotary_emb = None
-    model.lm_head = None
+    # Everything outside the decoder layers (embedding, norm, head, rotary, ...) is rank 0's.
+    base = getattr(model, archs.LAYOUT.base)
+    for name, _ in list(base.named_children()):
+        if name != archs.LAYOUT.layers:
+            setattr(base, name, None)
+    for name, _ in list(model.named_children()):
+        if name != archs.LAYOUT.base:
+            setattr(model, name, None)
     return None
 
 
@@ -220,12 +219,15 @@ def _keep_fp32(model: PreTrainedModel, name: str) -> bool:
 
 
 def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dtype, rank, plan, progress) -> None:
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in model.named_buffers() if _is_persistent(model, n)]
-    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    """Read exactly the checkpoint tensors behind this stage's parameters, through transformers' conversion."""
+    needed = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    needed |= {n for n, _ in model.named_buffers() if _is_persistent(model, n)}
+    plain, fused = _sources(model, weights, needed)
     start, end = plan.ranges[rank]
-    bar = tqdm(names, desc=f"rank {rank}: loading layers {start}:{end}", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(plain) + len(fused), desc=f"rank {rank}: loading layers {start}:{end}", unit="tensor",
+               disable=not progress, leave=False)
     limit = max_buffer_bytes(device)
+    done: set[str] = set()
     with ExitStack() as stack:
         handles: dict[str, SafetensorsReader] = {}
 
@@ -235,19 +237,80 @@ def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dty
                 handles[fname] = stack.enter_context(SafetensorsReader(model_dir / fname))
             return handles[fname].read(key)
 
-        for name in bar:
-            target = torch.float32 if _keep_fp32(model, name) else dtype
-            if name in weights:
-                _put(model, name, read(name), device=device, dtype=target)
-            elif name == "lm_head.weight" and tie:
-                continue  # tied below, once the embedding is loaded
-            elif _fused_expert_sources(name, weights):
-                _check_fits_one_buffer(model, name, target, limit, rank=rank)
-                _put(model, name, _fuse_experts(name, weights, read), device=device, dtype=target)
-            else:
-                raise ModelFolderError(f"rank {rank}: the checkpoint in {model_dir} has no tensor {name!r}")
-    if rank == 0 and tie and "lm_head.weight" not in weights:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        def put(name: str, tensor: torch.Tensor) -> None:
+            if name in needed:
+                _put(model, name, tensor, device=device, dtype=torch.float32 if _keep_fp32(model, name) else dtype)
+                done.add(name)
+
+        for target, key in plain.items():
+            put(target, read(key))
+            bar.update()
+        for target, (converter, keys) in fused.items():
+            if target in needed:
+                _check_fits_one_buffer(model, target, dtype, limit, rank=rank)
+            converter = copy.deepcopy(converter)  # it collects this target's tensors
+            for key, pattern in keys:
+                converter.add_tensor(target, key, pattern, functools.partial(read, key))
+            for name, tensor in converter.convert(target, model=model, config=model.config).items():
+                put(name, tensor)
+            bar.update()
+    bar.close()
+    # Tied parameters the checkpoint leaves out (an LM head that is the embedding) follow their source.
+    tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+            if t in needed and t not in done and s in done}
+    for target, source in tied.items():
+        module_name, _, leaf = target.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, model.get_parameter(source))
+    missing = sorted(needed - done - set(tied))
+    if missing:
+        raise ModelFolderError(f"rank {rank}: the checkpoint in {model_dir} has no tensor for {missing[0]!r}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _sources(model, weights: dict[str, str], needed: set[str]) -> tuple[dict[str, str], dict[str, tuple]]:
+    """Which checkpoint keys this stage reads: ``(plain, fused)``.
+
+    ``plain`` maps a parameter to the one key it is read from (after transformers' renamings);
+    ``fused`` maps a converted target (e.g. all experts of a layer in one tensor) to its converter
+    and ``(key, pattern)`` sources, in transformers' own order. Only keys behind this stage's
+    parameters are kept, so no rank reads another's tensors.
+    """
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+    renamings, converters = archs.conversions(model)
+    modules = {n.rpartition(".")[0] for n in needed}
+    known = dict.fromkeys(needed, True)
+    plain: dict[str, str] = {}
+    fused: dict[str, tuple] = {}
+    for key in sorted(weights, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, known)
+        if pattern is None:
+            if target in needed:
+                plain[target] = key
+        elif target in needed or target.rpartition(".")[0] in modules:
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            fused.setdefault(target, (converter, []))[1].append((key, pattern))
+    return plain, fused
+
+
+def _rebuild_buffers(model: nn.Module, *, device: torch.device) -> None:
+    """Non-persistent buffers (rotary frequencies, embedding scales) are in no checkpoint: allocate
+    them and let the model's own ``_init_weights`` fill them, as ``from_pretrained`` does; the loaded
+    tensors are marked initialised so that it leaves them alone."""
+    owners = []
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and not _is_persistent(model, name):
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._buffers[leaf] = torch.empty_like(buf, device=device)
+            owners.append(module)
+    if not owners:
+        return
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if _is_persistent(model, n)]:
+        t._is_hf_initialized = True
+    with torch.no_grad():
+        for module in dict.fromkeys(owners):
+            model._init_weights(module)
 
 
 def _put(model: nn.Module, name: str, value: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -283,20 +346,3 @@ def _is_persistent(model: nn.Module, name: str) -> bool:
     module_name, _, buf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return buf not in module._non_persistent_buffers_set
-
-
-def _fused_expert_sources(name: str, weights: dict[str, str]) -> bool:
-    prefix, _, leaf = name.rpartition(".")
-    if not prefix.endswith("mlp.experts") or leaf not in _FUSED_EXPERTS:
-        return False
-    return f"{prefix}.0.{_FUSED_EXPERTS[leaf][0]}.weight" in weights
-
-
-def _fuse_experts(name: str, weights: dict[str, str], read) -> torch.Tensor:
-    prefix, _, leaf = name.rpartition(".")
-    parts = _FUSED_EXPERTS[leaf]
-    count = 0
-    while f"{prefix}.{count}.{parts[0]}.weight" in weights:
-        count += 1
-    # [E, sum(out), in]: per expert, the parts are concatenated along the output dim.
-    return torch.stack([torch.cat([read(f"{prefix}.{e}.{p}.weight") for p in parts], dim=0) for e in range(count)])

@@ -122,7 +122,8 @@ class RemoteSpan:
 
     def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
-        use_cache = bool(kwargs.get("use_cache")) and cache is not None
+        # A layer given a cache updates it; not every family also passes use_cache (Gemma 3 does not).
+        use_cache = cache is not None and kwargs.get("use_cache", True) is not False
         st = self._state()
         if layer_idx == self.layer_indices.start:
             st.pending = {}
@@ -172,16 +173,28 @@ def _sentinel_layers(cache: DynamicCache, remote: range) -> set[int]:
 class RemoteLayer(nn.Module):
     """Placeholder, on rank 0, for decoder layer ``layer_idx`` owned by another rank. Holds no weights."""
 
-    def __init__(self, layer_idx: int, span: RemoteSpan, attention_type: str | None = None) -> None:
+    def __init__(self, layer_idx: int, span: RemoteSpan, attention_type: str | None = None,
+                 positional: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.span = span
+        self.positional = positional  # the replaced layer's parameter names after the hidden state
         if attention_type is not None:
             self.attention_type = attention_type
 
+    @classmethod
+    def replacing(cls, layer: nn.Module, layer_idx: int, span: RemoteSpan) -> "RemoteLayer":
+        """The placeholder for ``layer``, taking its arguments the way ``layer`` does."""
+        params = [n for n, p in inspect.signature(layer.forward).parameters.items()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        return cls(layer_idx, span, getattr(layer, "attention_type", None), tuple(params[1:]))
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args:
-            raise StageError("decoder layers must be called with keyword arguments after the hidden state")
+        if len(args) > len(self.positional):
+            raise StageError(f"decoder layer {self.layer_idx} was given {len(args)} positional arguments after the "
+                             f"hidden state; it takes {len(self.positional)}")
+        # Some families pass the mask and the like positionally: they travel by name.
+        kwargs.update(zip(self.positional, args))
         return self.span.visit(self.layer_idx, hidden_states, kwargs)
 
 

@@ -10,19 +10,19 @@ import json
 import os
 from pathlib import Path
 
+from .. import archs
 from ..errors import ModelFolderError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v3")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def config_dict(config_file: Path) -> dict:
-    """A config.json's contents, checked: valid JSON naming a supported ``model_type``.
+    """A config.json's contents, checked: valid JSON naming a ``model_type`` (which one is
+    ``archs.check_config``'s to judge, once transformers has read it).
 
     Raises:
-        ModelFolderError: naming the file, for a missing or unreadable file, invalid JSON or an
-            unsupported model_type.
+        ModelFolderError: naming the file, for a missing or unreadable file, invalid JSON or no model_type.
     """
     if not config_file.is_file():
         raise ModelFolderError(f"{config_file.parent} has no config.json; point --model at a Hugging Face model folder")
@@ -33,11 +33,8 @@ def config_dict(config_file: Path) -> dict:
                                "fix the file or copy it again from the model's source") from None
     if not isinstance(data, dict):
         raise ModelFolderError(f"{config_file} (in model folder {config_file.parent}) holds no JSON object")
-    model_type = data.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelFolderError(
-            f"model_type {model_type!r} in {config_file} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if not isinstance(data.get("model_type"), str):
+        raise ModelFolderError(f"{config_file} names no model_type; is this a Hugging Face model folder?")
     return data
 
 
@@ -50,10 +47,16 @@ def read_config(model_dir: str | os.PathLike):
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelFolderError(f"model folder {path} does not exist")
-    config_dict(path / "config.json")
+    data = config_dict(path / "config.json")
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (KeyError, ValueError) as exc:  # a model_type the installed transformers does not know
+        raise ModelFolderError(f"model_type {data['model_type']!r} in {path / 'config.json'} is unknown to the installed "
+                               f"transformers: {exc}") from None
+    archs.check_config(config, where=str(path / "config.json"))
+    return config
 
 
 def load_config_only(path: Path):
@@ -68,7 +71,12 @@ def load_config_only(path: Path):
     if not config_file.is_file():
         raise ModelFolderError(f"no config.json at {path}")
     data = config_dict(config_file)
-    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    model_type = data.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **data)
+    except (KeyError, ValueError) as exc:
+        raise ModelFolderError(f"model_type {model_type!r} in {config_file} is unknown to the installed transformers: {exc}") from None
+    archs.check_config(config, where=str(config_file))
     index = config_file.parent / INDEX_FILE
     total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.is_file() else None
     return config, total

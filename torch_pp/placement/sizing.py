@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import archs
 from ..options import BALANCES
 from ..tables import table
 from .plan import PlanError, StagePlan, check_stage_count, even_plan, parse_layers
@@ -55,44 +56,31 @@ def model_sizes(config) -> ModelSizes:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    archs.check_layout(model, model_type=config.model_type)
     counts: dict[int, int] = {}
     active: dict[int, float] = {}
-    routed = getattr(config, "num_experts_per_tok", None) or 1
-    routed /= getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None) or routed
+    routed = archs.routed_fraction(config)
+    layers = rf"{archs.LAYOUT.base}\.{archs.LAYOUT.layers}\.(\d+)\."
     rank0 = 0
     seen: set[int] = set()
     for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
         if id(p) in seen:
             continue
         seen.add(id(p))
-        m = re.match(r"model\.layers\.(\d+)\.", name)
+        m = re.match(layers, name)
         if m:
             i = int(m.group(1))
             counts[i] = counts.get(i, 0) + p.numel()
-            active[i] = active.get(i, 0) + p.numel() * (routed if ".mlp.experts." in name else 1)
+            active[i] = active.get(i, 0) + p.numel() * (routed if archs.is_routed_expert(name) else 1)
         else:
             rank0 += p.numel()
     n = config.num_hidden_layers
-    kv, window = [], []
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n
-    for i in range(n):
-        kv.append(_kv_elems(config))
-        sliding = layer_types[i] == "sliding_attention" or (
-            getattr(config, "sliding_window", None) and getattr(config, "model_type", "") == "mistral"
-        )
-        window.append(int(config.sliding_window) if sliding and getattr(config, "sliding_window", None) else None)
+    kv = [archs.kv_elems_per_token(config, i) for i in range(n)]
+    window = [archs.kv_window(config, i) for i in range(n)]
     head = model.get_output_embeddings()
     return ModelSizes(tuple(counts.get(i, 0) for i in range(n)), rank0, tuple(kv), tuple(window),
                       layer_active_params=tuple(int(active.get(i, 0)) for i in range(n)),
                       head_params=head.weight.numel() if head is not None else 0)
-
-
-def _kv_elems(config) -> int:
-    if getattr(config, "kv_lora_rank", None):  # MLA caches the compressed latent and the rope key
-        return int(config.kv_lora_rank + config.qk_rope_head_dim)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * heads * head_dim
 
 
 @dataclass(frozen=True)
