@@ -34,3 +34,15 @@ def test_peak_rss_stays_at_the_share(tmp_path):
         assert r["share"] < 0.75 * total, f"rank {rank} holds {r['share']} of {total} bytes"
         assert added <= 1.15 * r["share"] + SLACK, f"rank {rank}: peak grew {added / 2**20:.0f} MiB for a {r['share'] / 2**20:.0f} MiB share"
     assert abs(sum(shares) - total) < 0.01 * total
+
+
+def test_a_quantized_stage_peaks_at_its_quantized_share(tmp_path):
+    """int8: each linear weight is quantized as it is read, so the peak follows the int8 share."""
+    folder = write_model(tmp_path / "model")
+    run = torchrun(2, [str(WORKERS / "rss_worker.py"), str(folder)], env={"OUT": str(tmp_path), "QUANTIZE": "int8"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    r = json.loads((tmp_path / "rss1.json").read_text())  # rank 1: decoder layers only, all linear weights int8
+    assert r["share"] < 0.3 * total / 2, f"rank 1 holds {r['share']} bytes of a {total}-byte fp32 model"
+    added = r["peak"] - r["baseline"]
+    assert added <= 1.15 * r["share"] + SLACK, f"peak grew {added / 2**20:.0f} MiB for a {r['share'] / 2**20:.0f} MiB share"

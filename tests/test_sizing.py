@@ -235,3 +235,11 @@ def test_compute_plan_counts_active_experts_of_every_moe_family(arch):
                  if n.startswith("model.layers.1.") and ".experts." in n and "shared_expert" not in n)
     assert routed > 0
     assert sizes.layer_params[1] - sizes.layer_active_params[1] == routed // 2
+
+
+def test_plan_cli_counts_int8_layers(tmp_path):
+    folder = write_config(tmp_path / "llama", "llama")
+    plain, int8 = (json.loads(plan_cli(folder, "--memory", "3GiB,1.5GiB", "--dtype", "float16", "--output", "json", *q).stdout)
+                   for q in ([], ["--quantize", "int8"]))
+    layers_only = [s["weight_bytes"] for s in plain["stages"]][1], [s["weight_bytes"] for s in int8["stages"]][1]
+    assert layers_only[0] / 2 < layers_only[1] < layers_only[0] * 0.6  # one byte per linear weight, plus scales and norms

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-from .options import BALANCES, DTYPE_NAMES, OptionsError, Settings, StartOptions, check_generation_args, parse_bytes
+from .options import BALANCES, DTYPE_NAMES, QUANTIZE_MODES, OptionsError, Settings, StartOptions, check_generation_args, parse_bytes
 from .placement.plan import PlanError, check_stage_count
 
 
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=list(DTYPE_NAMES))
     gen.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
+    gen.add_argument("--quantize", choices=QUANTIZE_MODES,
+                     help="int8: each stage quantizes its decoder layers' linear weights as it loads them")
     gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
     gen.add_argument("--balance", choices=BALANCES, default="memory",
                      help="place layers by each rank's free memory (default), by work per token "
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", help="model folder or its config.json")
     pl.add_argument("--memory", required=True, help="usable memory per node, e.g. 128GiB,192GiB (on Macs about 75%% of RAM)")
     pl.add_argument("--dtype", default="float16", help="float32, float16, bfloat16, int8/8bit or int4/4bit (default float16)")
+    pl.add_argument("--quantize", choices=QUANTIZE_MODES, help="count the layers' linear weights quantized (with --dtype "
+                    "the compute dtype, as in generate)")
     pl.add_argument("--context", type=int, default=4096)
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--balance", choices=BALANCES, default="memory")
@@ -75,14 +79,15 @@ def run_plan(args: argparse.Namespace) -> int:
     from .placement.sizing import BYTES_PER_PARAM, choose_plan, format_bytes, model_sizes, needs_table, stage_needs
 
     if args.dtype not in BYTES_PER_PARAM:
-        raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
+        raise OptionsError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
     config, checkpoint_bytes = load_config_only(Path(args.model))
     memory = [parse_bytes(m) for m in args.memory.split(",")]
     reserve = parse_bytes(args.reserve)
     sizes = model_sizes(config)
     plan = choose_plan(sizes, num_stages=len(memory), layers=args.layers, balance=args.balance, available=memory,
-                       dtype=args.dtype, context=args.context, batch=args.batch, reserve=reserve)
-    needs = stage_needs(sizes, plan, dtype=args.dtype, context=args.context, batch=args.batch, available=memory, reserve=reserve)
+                       dtype=args.dtype, context=args.context, batch=args.batch, reserve=reserve, quantize=args.quantize)
+    needs = stage_needs(sizes, plan, dtype=args.dtype, context=args.context, batch=args.batch, available=memory, reserve=reserve,
+                        quantize=args.quantize)
     fits = all(s.fits for s in needs)
     params = sum(sizes.layer_params) + sizes.rank0_params
     if args.output == "json":
@@ -138,7 +143,7 @@ def generate_options(args: argparse.Namespace) -> StartOptions:
                           min_new_tokens=args.min_new_tokens)
     return StartOptions(model=args.model, layers=args.layers, balance=args.balance, context=args.context,
                         max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                        device=args.device, dtype=args.dtype, progress=not args.no_progress)
+                        device=args.device, dtype=args.dtype, progress=not args.no_progress, quantize=args.quantize)
 
 
 def preflight(options: StartOptions, world_size: int) -> None:

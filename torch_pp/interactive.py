@@ -17,6 +17,7 @@ import atexit
 import subprocess
 import sys
 
+from .errors import OptionsError
 from .options import StartOptions, child_env
 from .pipeline import Pipeline, start
 from .net.rendezvous import free_port
@@ -64,7 +65,7 @@ def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **op
     """
     opts = StartOptions(model=None if model is None else str(model), **options)  # fail before anything starts
     if not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"stages must be a whole number of at least 1, not {stages!r}")
+        raise OptionsError(f"stages must be a whole number of at least 1, not {stages!r}")
     _close_previous()
     port = free_port()
     env = child_env()

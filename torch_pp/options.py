@@ -20,6 +20,7 @@ from .dtypes import COMPUTE as DTYPE_NAMES
 from .errors import OptionsError
 
 BALANCES = ("memory", "compute", "even")
+QUANTIZE_MODES = ("int8",)  # weight-only, per stage while it loads (see model.quant)
 DEFAULT_FRAME_BYTES = 32 * 1024  # a decode step's message fits one frame (see net.wire)
 _DEVICE = re.compile(r"(cpu|mps|auto|cuda(:\d+)?)")
 
@@ -52,6 +53,7 @@ class StartOptions:
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -68,6 +70,8 @@ class StartOptions:
             raise OptionsError(f"prefill_chunk must be None (automatic), 0 (off) or a positive token count, not {self.prefill_chunk!r}")
         if self.dtype not in (None, "", "auto", *DTYPE_NAMES):
             raise OptionsError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise OptionsError(f"unsupported quantization {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
         if self.device not in (None, "") and not _DEVICE.fullmatch(str(self.device)):
             raise OptionsError(f"unsupported device {self.device!r}; use cpu, cuda, cuda:N or mps")
         if self.layers is not None and not re.fullmatch(r"\s*\d+:\d+(\s*,\s*\d+:\d+)*\s*", self.layers):

@@ -24,6 +24,7 @@ from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memo
                       pick_dtype)
 from .generate import guard_generate
 from .model.loading import LoadedStage, load_stage, model_fingerprint
+from .model.quant import check_supported as check_quantize
 from .placement.config import read_config
 from .options import StartOptions
 from .placement.plan import PlanError, StagePlan
@@ -157,6 +158,8 @@ def start(
         device: ``mps``, ``cuda`` or ``cpu``; default: the best available.
         dtype: ``float32``, ``float16`` or ``bfloat16``; default: per device.
         progress: Show progress bars (on the first rank of each machine).
+        quantize: ``"int8"``: each stage quantizes its decoder layers' linear weights (weight-only,
+            per output channel) as it reads them; embeddings and the LM head stay in ``dtype``.
         transport: An existing transport to reuse; default: join torchrun's group (or run alone).
 
     Returns:
@@ -213,6 +216,7 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         memory = {"host": transport.host, "machine": transport.hellos[transport.rank].get("machine"), "device": str(dev), "capped": o.max_memory is not None,
                   "bytes": o.max_memory if o.max_memory is not None else memory_available(dev)}
         dt = pick_dtype(o.dtype, dev, checkpoint_dtype(config))
+        check_quantize(o.quantize, device=dev, dtype=dt)  # refused with the reason, before anything is read
         return model_dir, sizes, dev, dt, model_fingerprint(model_dir), memory
 
     def place(sizes, dt, rows):
@@ -220,9 +224,9 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         available = [r["bytes"] if r["capped"] else r["bytes"] // sum(same_machine(q, r) and q["device"] == r["device"] for q in rows)
                      for r in rows]
         plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance, available=available,
-                           dtype=dtype_name(dt), context=o.context, batch=o.batch)
+                           dtype=dtype_name(dt), context=o.context, batch=o.batch, quantize=o.quantize)
         needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=o.context, batch=o.batch, available=available,
-                            reserve=DEFAULT_RESERVE)
+                            reserve=DEFAULT_RESERVE, quantize=o.quantize)
         if not all(s.fits for s in needs):
             raise PlanError(
                 f"the model does not fit this cluster at {dtype_name(dt)} with a {o.context}-token context:\n"
@@ -236,13 +240,14 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
     plan = agree(transport, lambda: place(sizes, dt, rows), what="place the model")
     agree_on(transport, {
         "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
-        "plan": plan.spec(), "dtype": dtype_name(dt), "frame_bytes": transport.frame_bytes,
+        "plan": plan.spec(), "dtype": dtype_name(dt), "quantize": o.quantize, "frame_bytes": transport.frame_bytes,
     })
     transport.describe(layers=plan.ranges[transport.rank])
     load_start = time.perf_counter()
     stage, load_s = agree(
         transport,
-        lambda: (load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show),
+        lambda: (load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show,
+                            quantize=o.quantize),
                  time.perf_counter() - load_start),
         what="load the model",
     )

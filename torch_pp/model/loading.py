@@ -33,6 +33,7 @@ from ..placement.plan import StagePlan
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 from ..errors import ModelFolderError
 from ..placement.config import INDEX_FILE, SINGLE_FILE, read_config
+from . import quant
 
 
 _ST_DTYPES = {code: to_torch(name) for code, name in SAFETENSORS.items()}
@@ -150,6 +151,7 @@ def load_stage(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> LoadedStage:
     """Build this rank's stage and read its weights onto ``device`` in ``dtype``.
 
@@ -160,6 +162,7 @@ def load_stage(
         device: Where the weights go.
         dtype: Floating dtype of the weights (fp32-only parameters stay fp32).
         progress: Show a progress bar.
+        quantize: ``"int8"``: quantize the decoder layers' linear weights as they are read (see ``model.quant``).
 
     Raises:
         ModelFolderError: if the folder is unusable or lacks a weight this stage needs.
@@ -170,7 +173,8 @@ def load_stage(
     weights = weight_map(model_dir)
     model = build_skeleton(config)
     span, runner = _trim(model, plan=plan, rank=rank), None
-    _materialise(model, Path(model_dir), weights, device=device, dtype=dtype, rank=rank, plan=plan, progress=progress)
+    _materialise(model, Path(model_dir), weights, device=device, dtype=dtype, rank=rank, plan=plan, progress=progress,
+                 quantize=quantize)
     _rebuild_buffers(model, device=device)
     if rank == 0:
         gen_file = Path(model_dir) / "generation_config.json"
@@ -182,7 +186,8 @@ def load_stage(
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise ModelFolderError(f"rank {rank}: no weights found for {', '.join(leftovers[:5])}{' …' if len(leftovers) > 5 else ''}")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantized = [t for m in model.modules() if isinstance(m, quant.Int8Linear) for t in (m.weight, m.scales)]
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *quantized])
     return LoadedStage(model=model, span=span, runner=runner, weight_bytes=weight_bytes)
 
 
@@ -218,7 +223,8 @@ def _keep_fp32(model: PreTrainedModel, name: str) -> bool:
     return any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", name) for p in patterns)
 
 
-def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dtype, rank, plan, progress) -> None:
+def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dtype, rank, plan, progress,
+                 quantize: str | None = None) -> None:
     """Read exactly the checkpoint tensors behind this stage's parameters, through transformers' conversion."""
     needed = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     needed |= {n for n, _ in model.named_buffers() if _is_persistent(model, n)}
@@ -237,8 +243,14 @@ def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dty
                 handles[fname] = stack.enter_context(SafetensorsReader(model_dir / fname))
             return handles[fname].read(key)
 
+        layers_prefix = f"{archs.LAYOUT.base}.{archs.LAYOUT.layers}."
+
         def put(name: str, tensor: torch.Tensor) -> None:
-            if name in needed:
+            if quantize and name in needed and quant.quantizable(model, name, layers_prefix=layers_prefix) is not None:
+                # quantized the moment it is read: the stage never holds its full-precision share
+                quant.quantize_module(model, name.rpartition(".")[0], tensor, device=device, dtype=dtype)
+                done.add(name)
+            elif name in needed:
                 _put(model, name, tensor, device=device, dtype=torch.float32 if _keep_fp32(model, name) else dtype)
                 done.add(name)
 

@@ -36,6 +36,8 @@ class ModelSizes:
         layer_active_params: Parameters each decoder layer multiplies per token (MoE layers
             count their shared experts and only ``num_experts_per_tok`` routed ones).
         head_params: Parameters of the LM head, which rank 0 multiplies for every decode token.
+        layer_linear_params: Parameters of each layer's ``nn.Linear`` weights (what ``--quantize`` shrinks).
+        layer_linear_rows: Output channels of those weights (one quantization scale each).
     """
 
     layer_params: tuple[int, ...]
@@ -44,6 +46,8 @@ class ModelSizes:
     kv_window: tuple[int | None, ...]
     layer_active_params: tuple[int, ...] = ()
     head_params: int = 0
+    layer_linear_params: tuple[int, ...] = ()
+    layer_linear_rows: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -61,6 +65,14 @@ def model_sizes(config) -> ModelSizes:
     active: dict[int, float] = {}
     routed = archs.routed_fraction(config)
     layers = rf"{archs.LAYOUT.base}\.{archs.LAYOUT.layers}\.(\d+)\."
+    linear: dict[int, int] = {}
+    rows: dict[int, int] = {}
+    for name, module in model.named_modules():
+        m = re.match(layers, name + ".")
+        if m and type(module) is torch.nn.Linear:
+            i = int(m.group(1))
+            linear[i] = linear.get(i, 0) + module.weight.numel()
+            rows[i] = rows.get(i, 0) + module.out_features
     rank0 = 0
     seen: set[int] = set()
     for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
@@ -80,7 +92,9 @@ def model_sizes(config) -> ModelSizes:
     head = model.get_output_embeddings()
     return ModelSizes(tuple(counts.get(i, 0) for i in range(n)), rank0, tuple(kv), tuple(window),
                       layer_active_params=tuple(int(active.get(i, 0)) for i in range(n)),
-                      head_params=head.weight.numel() if head is not None else 0)
+                      head_params=head.weight.numel() if head is not None else 0,
+                      layer_linear_params=tuple(linear.get(i, 0) for i in range(n)),
+                      layer_linear_rows=tuple(rows.get(i, 0) for i in range(n)))
 
 
 @dataclass(frozen=True)
@@ -107,20 +121,26 @@ class StageNeed:
         return self.available_bytes is None or self.headroom_bytes >= 0
 
 
-def layer_bytes(sizes: ModelSizes, *, dtype: str, context: int, batch: int) -> list[tuple[int, int]]:
-    """(weight bytes, KV bytes) of each layer."""
+def layer_bytes(sizes: ModelSizes, *, dtype: str, context: int, batch: int,
+                quantize: str | None = None) -> list[tuple[int, int]]:
+    """(weight bytes, KV bytes) of each layer; with ``quantize="int8"`` its linear weights take one
+    byte per parameter plus one ``dtype`` scale per output channel."""
     per = BYTES_PER_PARAM[dtype]
+    linear = sizes.layer_linear_params or (0,) * sizes.num_layers
+    rows = sizes.layer_linear_rows or (0,) * sizes.num_layers
     out = []
-    for params, kv, win in zip(sizes.layer_params, sizes.kv_elems_per_token, sizes.kv_window):
+    for i, (params, kv, win) in enumerate(zip(sizes.layer_params, sizes.kv_elems_per_token, sizes.kv_window)):
         tokens = min(context, win) if win else context
-        out.append((int(params * per), batch * tokens * kv * KV_BYTES[dtype]))
+        weights = params * per if not quantize else (params - linear[i]) * per + linear[i] * 1 + rows[i] * per
+        out.append((int(weights), batch * tokens * kv * KV_BYTES[dtype]))
     return out
 
 
 def stage_needs(sizes: ModelSizes, plan: StagePlan, *, dtype: str, context: int, batch: int,
-                available: list[int] | None = None, reserve: int = DEFAULT_RESERVE) -> list[StageNeed]:
+                available: list[int] | None = None, reserve: int = DEFAULT_RESERVE,
+                quantize: str | None = None) -> list[StageNeed]:
     """Bytes each stage of ``plan`` needs, with ``available`` memory per rank if known."""
-    per_layer = layer_bytes(sizes, dtype=dtype, context=context, batch=batch)
+    per_layer = layer_bytes(sizes, dtype=dtype, context=context, batch=batch, quantize=quantize)
     needs = []
     for r, (start, end) in enumerate(plan.ranges):
         w = sum(per_layer[i][0] for i in range(start, end)) + (int(sizes.rank0_params * BYTES_PER_PARAM[dtype]) if r == 0 else 0)
@@ -130,7 +150,7 @@ def stage_needs(sizes: ModelSizes, plan: StagePlan, *, dtype: str, context: int,
 
 
 def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context: int, batch: int,
-                reserve: int = DEFAULT_RESERVE) -> StagePlan:
+                reserve: int = DEFAULT_RESERVE, quantize: str | None = None) -> StagePlan:
     """Contiguous layer ranges in proportion to each rank's free memory.
 
     A rank's free memory is what it reports less its fixed costs (the runtime reserve, and on
@@ -143,7 +163,7 @@ def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context:
     """
     n_ranks, n_layers = len(available), sizes.num_layers
     check_stage_count(n_ranks, n_layers)
-    cost = [w + kv for w, kv in layer_bytes(sizes, dtype=dtype, context=context, batch=batch)]
+    cost = [w + kv for w, kv in layer_bytes(sizes, dtype=dtype, context=context, batch=batch, quantize=quantize)]
     fixed = [reserve + (int(sizes.rank0_params * BYTES_PER_PARAM[dtype]) if r == 0 else 0) for r in range(n_ranks)]
     free = [max(a - f, 1) for a, f in zip(available, fixed)]
     total = sum(cost)
@@ -204,7 +224,7 @@ def check_balance(balance: str) -> None:
 
 def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None, balance: str = "memory",
                 available: list[int] | None = None, dtype: str, context: int, batch: int,
-                reserve: int = DEFAULT_RESERVE) -> StagePlan:
+                reserve: int = DEFAULT_RESERVE, quantize: str | None = None) -> StagePlan:
     """The plan for a run: the manual ``layers`` if given, else the ``balance`` placement.
 
     Raises:
@@ -218,7 +238,8 @@ def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None
         plan = compute_plan(sizes, num_stages=num_stages)
     else:
         check_balance(balance)
-        plan = memory_plan(sizes, available=available, dtype=dtype, context=context, batch=batch, reserve=reserve)
+        plan = memory_plan(sizes, available=available, dtype=dtype, context=context, batch=batch, reserve=reserve,
+                           quantize=quantize)
     plan.check_world_size(num_stages)
     return plan
 
