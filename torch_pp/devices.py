@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import ctypes
 import sys
 import threading
 
@@ -117,6 +118,27 @@ def checkpoint_dtype(config) -> str | None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def return_freed_memory() -> None:
+    """Give the process's freed heap pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Loading that frees a large temporary per tensor (quantizing) otherwise leaves holes that the
+    next, differently sized allocation cannot reuse, and resident memory creeps above the share.
+    """
+    if sys.platform != "linux":
+        return  # macOS returns large freed blocks by itself
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def peak_rss_bytes() -> int:

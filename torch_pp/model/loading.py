@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .. import archs
-from ..devices import max_buffer_bytes
+from ..devices import max_buffer_bytes, return_freed_memory
 from ..dtypes import SAFETENSORS, to_torch
 from ..placement.plan import StagePlan
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
@@ -248,7 +248,9 @@ def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dty
         def put(name: str, tensor: torch.Tensor) -> None:
             if quantize and name in needed and quant.quantizable(model, name, layers_prefix=layers_prefix) is not None:
                 # quantized the moment it is read: the stage never holds its full-precision share
-                quant.quantize_module(model, name.rpartition(".")[0], tensor, device=device, dtype=dtype)
+                quant.quantize_module(model, name.rpartition(".")[0], tensor, device=device, dtype=dtype, consume=True)
+                del tensor
+                return_freed_memory()  # the full-precision buffer just freed: never let such holes pile up
                 done.add(name)
             elif name in needed:
                 _put(model, name, tensor, device=device, dtype=torch.float32 if _keep_fp32(model, name) else dtype)

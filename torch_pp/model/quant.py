@@ -38,11 +38,20 @@ class Int8Linear(nn.Module):
         """An empty (meta) int8 layer in ``linear``'s place, keeping its bias parameter."""
         return cls(linear.in_features, linear.out_features, bias=linear.bias)
 
-    def set_weight(self, weight: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
-        """Quantize a full-precision ``[out, in]`` weight (any device) into this layer on ``device``."""
+    def set_weight(self, weight: torch.Tensor, *, device: torch.device, dtype: torch.dtype, consume: bool = False) -> None:
+        """Quantize a full-precision ``[out, in]`` weight (any device) into this layer on ``device``.
+
+        Args:
+            consume: ``weight`` is a buffer nobody else holds (the loader's fresh read): work in it
+                rather than in a copy.
+        """
+        # In place: one weight-sized fp32 buffer at most, so loading never holds much more than
+        # the int8 share (freed temporaries can stay in the process's heap).
         w = weight.to(device=device, dtype=torch.float32)
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
-        self.weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        if w.data_ptr() == weight.data_ptr() and not consume:
+            w = w.clone()
+        scales = torch.linalg.vector_norm(w, ord=float("inf"), dim=1).clamp_(min=1e-12).div_(127.0)  # [out]
+        self.weight = w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.scales = scales.to(dtype)
 
     def dequantized(self) -> torch.Tensor:
@@ -89,11 +98,11 @@ def quantizable(model: nn.Module, name: str, *, layers_prefix: str) -> nn.Linear
 
 
 def quantize_module(model: nn.Module, module_name: str, weight: torch.Tensor, *, device: torch.device,
-                    dtype: torch.dtype) -> Int8Linear:
+                    dtype: torch.dtype, consume: bool = False) -> Int8Linear:
     """Put an ``Int8Linear`` holding ``weight`` quantized where ``module_name``'s ``nn.Linear`` was."""
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = Int8Linear.replacing(getattr(parent, child))
-    layer.set_weight(weight, device=device, dtype=dtype)
+    layer.set_weight(weight, device=device, dtype=dtype, consume=consume)
     setattr(parent, child, layer)
     return layer
