@@ -8,13 +8,16 @@ only decides where the math runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 import resource
-import ctypes
 import sys
 import threading
 
 import torch
+
 from .dtypes import COMPUTE, to_torch
 from .errors import DeviceError
 from .options import Settings
@@ -126,19 +129,19 @@ def return_freed_memory() -> None:
     Loading that frees a large temporary per tensor (quantizing) otherwise leaves holes that the
     next, differently sized allocation cannot reuse, and resident memory creeps above the share.
     """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
     if sys.platform != "linux":
-        return  # macOS returns large freed blocks by itself
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+        return None  # macOS returns large freed blocks by itself
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def peak_rss_bytes() -> int:
@@ -161,8 +164,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _darwin_peak_footprint() -> int | None:
     """``ri_lifetime_max_phys_footprint`` from libproc's ``proc_pid_rusage`` (RUSAGE_INFO_V4)."""
-    import ctypes
-    import ctypes.util
 
     class RusageInfoV4(ctypes.Structure):  # <sys/resource.h>, struct rusage_info_v4
         _fields_ = [("ri_uuid", ctypes.c_uint8 * 16)] + [(name, ctypes.c_uint64) for name in (
@@ -223,8 +224,6 @@ def max_buffer_bytes(device: torch.device) -> int | None:
     """
     if device.type != "mps":
         return None
-    import ctypes
-    import ctypes.util
 
     try:
         metal = ctypes.CDLL("/System/Library/Frameworks/Metal.framework/Metal")
