@@ -49,3 +49,18 @@ def test_bench_lanes_reports_speedup_bound_and_same_tokens(tiny_models, tmp_path
     assert row["bound"] > 0 and row["speedup"] > 0 and len(row["stage_compute_s_2_lanes"]) == 2
     assert row["rank0_cpu_ms_per_round_2_lanes"] > 0
     assert "bound here" in run.stdout
+
+
+def test_bench_quant_reports_every_mode_with_shrinking_weights(tiny_models, tmp_path):
+    out = tmp_path / "quant.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quant.py"), "--model", str(tiny_models["llama"]),
+                          "--rounds", "2", "--long", "64", "--new", "4", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    assert list(figures) == ["none", "int8", "int4"]
+    assert all(f["decode_tokens_per_s"] > 0 and f["ttft_s"] > 0 and len(f["peak_memory_bytes"]) == 2 for f in figures.values())
+    layers = [figures[m]["weight_bytes"][1] for m in ("none", "int8", "int4")]  # rank 1 holds decoder layers only
+    assert layers[0] > layers[1] > layers[2], layers
+    assert figures["none"]["same_tokens_as_unquantized"] is True
+    assert "decode tok/s" in run.stdout

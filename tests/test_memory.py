@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -36,13 +37,14 @@ def test_peak_rss_stays_at_the_share(tmp_path):
     assert abs(sum(shares) - total) < 0.01 * total
 
 
-def test_a_quantized_stage_peaks_at_its_quantized_share(tmp_path):
-    """int8: each linear weight is quantized as it is read, so the peak follows the int8 share."""
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_stage_peaks_at_its_quantized_share(tmp_path, mode):
+    """Each linear weight is quantized as it is read, so the peak follows the quantized share."""
     folder = write_model(tmp_path / "model")
-    run = torchrun(2, [str(WORKERS / "rss_worker.py"), str(folder)], env={"OUT": str(tmp_path), "QUANTIZE": "int8"}, timeout=300)
+    run = torchrun(2, [str(WORKERS / "rss_worker.py"), str(folder)], env={"OUT": str(tmp_path), "QUANTIZE": mode}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     r = json.loads((tmp_path / "rss1.json").read_text())  # rank 1: decoder layers only, all linear weights int8
-    assert r["share"] < 0.3 * total / 2, f"rank 1 holds {r['share']} bytes of a {total}-byte fp32 model"
+    assert r["share"] < {"int8": 0.3, "int4": 0.2}[mode] * total / 2, f"rank 1 holds {r['share']} bytes of a {total}-byte fp32 model"
     added = r["peak"] - r["baseline"]
     assert added <= 1.15 * r["share"] + SLACK, f"peak grew {added / 2**20:.0f} MiB for a {r['share'] / 2**20:.0f} MiB share"

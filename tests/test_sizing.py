@@ -237,9 +237,11 @@ def test_compute_plan_counts_active_experts_of_every_moe_family(arch):
     assert sizes.layer_params[1] - sizes.layer_active_params[1] == routed // 2
 
 
-def test_plan_cli_counts_int8_layers(tmp_path):
+def test_plan_cli_counts_quantized_layers(tmp_path):
     folder = write_config(tmp_path / "llama", "llama")
-    plain, int8 = (json.loads(plan_cli(folder, "--memory", "3GiB,1.5GiB", "--dtype", "float16", "--output", "json", *q).stdout)
-                   for q in ([], ["--quantize", "int8"]))
-    layers_only = [s["weight_bytes"] for s in plain["stages"]][1], [s["weight_bytes"] for s in int8["stages"]][1]
-    assert layers_only[0] / 2 < layers_only[1] < layers_only[0] * 0.6  # one byte per linear weight, plus scales and norms
+    plain, int8, int4 = (json.loads(plan_cli(folder, "--memory", "3GiB,1.5GiB", "--dtype", "float16", "--output", "json",
+                                             *q).stdout) for q in ([], ["--quantize", "int8"], ["--quantize", "int4"]))
+    plain, int8, int4 = (r["stages"][1]["weight_bytes"] for r in (plain, int8, int4))  # rank 1: decoder layers only
+    assert plain / 2 < int8 < plain * 0.6  # one byte per linear weight, plus scales and norms
+    # half a byte per linear weight plus a 2-byte scale and zero per 32 inputs: 0.625 of int8's byte
+    assert plain / 4 * 1.2 < int4 < plain / 4 * 1.35

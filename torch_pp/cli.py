@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=list(DTYPE_NAMES))
     gen.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
     gen.add_argument("--quantize", choices=QUANTIZE_MODES,
-                     help="int8: each stage quantizes its decoder layers' linear weights as it loads them")
+                     help="int8 or int4: each stage quantizes its decoder layers' linear weights as it loads them")
     gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
     gen.add_argument("--balance", choices=BALANCES, default="memory",
                      help="place layers by each rank's free memory (default), by work per token "
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--device", help="device to report (default: best available)")
     doc.add_argument("--message-bytes", type=int, default=16384, help="latency probe size (default: a 8192-wide fp16 hidden state)")
     doc.add_argument("--expect-gbit", type=float, help="warn when a link gives well under this bandwidth")
+    doc.add_argument("--quantize", choices=QUANTIZE_MODES, help="also check that every rank's device runs this quantization")
+    doc.add_argument("--dtype", choices=list(DTYPE_NAMES), help="compute dtype for --quantize's check (default: the device's)")
     doc.add_argument("--output", choices=["text", "json"], default="text")
     return parser
 
@@ -114,7 +116,23 @@ def run_doctor(args: argparse.Namespace, transport) -> int:
         from .placement.config import read_config
 
         size = read_config(args.model).hidden_size * 2
-    report, _, problems = doctor.run(transport, device=args.device, message_bytes=size, expect_gbit=args.expect_gbit)
+    check = None
+    if args.quantize:
+        import torch
+
+        from .devices import default_dtype, supported_dtypes
+        from .errors import DeviceError
+        from .model.quant import check_supported
+
+        def check(device) -> dict:
+            dtype = args.dtype or default_dtype(device.type, None, supported_dtypes(device))
+            try:
+                check_supported(args.quantize, device=device, dtype=getattr(torch, dtype))
+            except DeviceError as exc:
+                return {"mode": args.quantize, "dtype": dtype, "refused": str(exc)}
+            return {"mode": args.quantize, "dtype": dtype, "refused": None}
+    report, _, problems = doctor.run(transport, device=args.device, message_bytes=size, expect_gbit=args.expect_gbit,
+                                     quantize_check=check)
     if transport.rank == 0:
         print(json.dumps(report) if args.output == "json" else doctor.format_report(report), flush=True)
     return 1 if problems else 0

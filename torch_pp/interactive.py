@@ -55,7 +55,7 @@ def local_pipeline(model=None, *, stages: int = 2, threads: int | None = 1, **op
         model: Hugging Face model folder; None for the embedded SmolLM2-135M-Instruct.
         stages: Number of stages (this process plus ``stages - 1`` workers).
         threads: Intra-op threads per worker process (None: torch's default).
-        **options: ``start()`` options: layers, balance, context, max_memory, device, dtype, progress.
+        **options: ``start()`` options: layers, balance, context, max_memory, device, dtype, quantize, progress.
 
     Returns:
         The running pipeline; ``pipeline.model.generate(...)`` as with transformers.

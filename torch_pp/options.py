@@ -20,7 +20,8 @@ from .dtypes import COMPUTE as DTYPE_NAMES
 from .errors import OptionsError
 
 BALANCES = ("memory", "compute", "even")
-QUANTIZE_MODES = ("int8",)  # weight-only, per stage while it loads (see model.quant)
+QUANTIZE_MODES = ("int8", "int4")  # weight-only, per stage while it loads (see model.quant)
+INT4_GROUP = 32  # input channels per int4 scale and zero (llama.cpp's Q4 blocks are 32 wide too)
 DEFAULT_FRAME_BYTES = 32 * 1024  # a decode step's message fits one frame (see net.wire)
 _DEVICE = re.compile(r"(cpu|mps|auto|cuda(:\d+)?)")
 

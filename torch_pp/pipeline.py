@@ -158,8 +158,9 @@ def start(
         device: ``mps``, ``cuda`` or ``cpu``; default: the best available.
         dtype: ``float32``, ``float16`` or ``bfloat16``; default: per device.
         progress: Show progress bars (on the first rank of each machine).
-        quantize: ``"int8"``: each stage quantizes its decoder layers' linear weights (weight-only,
-            per output channel) as it reads them; embeddings and the LM head stay in ``dtype``.
+        quantize: ``"int8"`` or ``"int4"``: each stage quantizes its decoder layers' linear weights as it
+            reads them (weight-only: int8 per output channel, int4 per 32 inputs); embeddings and
+            the LM head stay in ``dtype``.
         transport: An existing transport to reuse; default: join torchrun's group (or run alone).
 
     Returns:

@@ -162,7 +162,8 @@ def load_stage(
         device: Where the weights go.
         dtype: Floating dtype of the weights (fp32-only parameters stay fp32).
         progress: Show a progress bar.
-        quantize: ``"int8"``: quantize the decoder layers' linear weights as they are read (see ``model.quant``).
+        quantize: ``"int8"`` or ``"int4"``: quantize the decoder layers' linear weights as they are read
+            (see ``model.quant``).
 
     Raises:
         ModelFolderError: if the folder is unusable or lacks a weight this stage needs.
@@ -186,8 +187,7 @@ def load_stage(
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise ModelFolderError(f"rank {rank}: no weights found for {', '.join(leftovers[:5])}{' …' if len(leftovers) > 5 else ''}")
-    quantized = [t for m in model.modules() if isinstance(m, quant.Int8Linear) for t in (m.weight, m.scales)]
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *quantized])
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *quant.quantized_tensors(model)])
     return LoadedStage(model=model, span=span, runner=runner, weight_bytes=weight_bytes)
 
 
@@ -246,9 +246,10 @@ def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dty
         layers_prefix = f"{archs.LAYOUT.base}.{archs.LAYOUT.layers}."
 
         def put(name: str, tensor: torch.Tensor) -> None:
-            if quantize and name in needed and quant.quantizable(model, name, layers_prefix=layers_prefix) is not None:
+            if quantize and name in needed and quant.quantizable(model, name, layers_prefix=layers_prefix, mode=quantize):
                 # quantized the moment it is read: the stage never holds its full-precision share
-                quant.quantize_module(model, name.rpartition(".")[0], tensor, device=device, dtype=dtype, consume=True)
+                quant.quantize_module(model, name.rpartition(".")[0], tensor, device=device, dtype=dtype, mode=quantize,
+                                      consume=True)
                 del tensor
                 return_freed_memory()  # the full-precision buffer just freed: never let such holes pile up
                 done.add(name)

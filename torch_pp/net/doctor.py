@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -63,11 +64,19 @@ def measure_links(t: Link, *, message_bytes: int, reps: int = 20, bw_reps: int =
     return results
 
 
-def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: float | None) -> tuple[dict, list[str], list[str]]:
-    """Collect facts and figures; on rank 0 return (report, warnings, problems)."""
+def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: float | None,
+        quantize_check: Callable[[torch.device], dict] | None = None) -> tuple[dict, list[str], list[str]]:
+    """Collect facts and figures; on rank 0 return (report, warnings, problems).
+
+    Args:
+        quantize_check: Given this rank's device, tries a quantized multiply there and returns
+            ``{"mode", "dtype", "refused": reason or None}`` (the caller owns the model math).
+    """
     dev = pick_device(device, local_rank=t.local_rank)
     me = {**t.hellos[t.rank], "rank": t.rank, "device": str(dev), "dtypes": supported_dtypes(dev),
           "memory_available_bytes": memory_available(dev), "gloo_address": t.gloo_address}
+    if quantize_check is not None:
+        me["quantize"] = quantize_check(dev)
     if me["os"] == "Darwin":
         me["mac"] = mac_facts()
     links = measure_links(t, message_bytes=message_bytes)
@@ -85,6 +94,10 @@ def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: fl
             mac_warnings, mac_problems = mac_checks(n)
             warnings += mac_warnings
             problems += mac_problems
+    for n in nodes:
+        q = n.get("quantize")
+        if q and q["refused"]:
+            problems.append(f"rank {n['rank']} on {n['host']}: {q['refused']}")
     hosts = {n["host"] for n in nodes}
     for n in nodes:
         if len(hosts) > 1 and n["address"] and n["address"].startswith("127."):
@@ -154,6 +167,10 @@ def format_report(report: dict) -> str:
         lines.append("")
         lines += table(["link", "one-way latency", "bandwidth"],
                         [[f"{l['from']} -> {l['to']}", f"{l['latency_ms']:.3f} ms", f"{l['gbit_per_s']:.2f} Gbit/s"] for l in report["links"]])
+    checked = [n["quantize"] for n in report["nodes"] if n.get("quantize")]
+    if checked:
+        ok = [f"rank {n['rank']}" for n in report["nodes"] if n.get("quantize") and not n["quantize"]["refused"]]
+        lines.append(f"--quantize {checked[0]['mode']}: runs on {', '.join(ok) or 'no rank'}")
     for w in report["warnings"]:
         lines.append(f"warning: {w}")
     for p in report["problems"]:

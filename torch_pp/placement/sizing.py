@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import archs
-from ..options import BALANCES
+from ..options import BALANCES, INT4_GROUP
 from ..tables import table
 from .plan import PlanError, StagePlan, check_stage_count, even_plan, parse_layers
 
@@ -123,17 +123,31 @@ class StageNeed:
 
 def layer_bytes(sizes: ModelSizes, *, dtype: str, context: int, batch: int,
                 quantize: str | None = None) -> list[tuple[int, int]]:
-    """(weight bytes, KV bytes) of each layer; with ``quantize="int8"`` its linear weights take one
-    byte per parameter plus one ``dtype`` scale per output channel."""
+    """(weight bytes, KV bytes) of each layer; with ``quantize`` its linear weights are counted
+    quantized (see ``quantized_bytes``)."""
     per = BYTES_PER_PARAM[dtype]
     linear = sizes.layer_linear_params or (0,) * sizes.num_layers
     rows = sizes.layer_linear_rows or (0,) * sizes.num_layers
     out = []
     for i, (params, kv, win) in enumerate(zip(sizes.layer_params, sizes.kv_elems_per_token, sizes.kv_window)):
         tokens = min(context, win) if win else context
-        weights = params * per if not quantize else (params - linear[i]) * per + linear[i] * 1 + rows[i] * per
+        weights = params * per if not quantize else (params - linear[i]) * per + quantized_bytes(
+            linear[i], rows[i], mode=quantize, dtype=dtype)
         out.append((int(weights), batch * tokens * kv * KV_BYTES[dtype]))
     return out
+
+
+def quantized_bytes(params: int, rows: int, *, mode: str, dtype: str) -> float:
+    """Bytes of ``params`` linear weights with ``rows`` output channels, quantized by ``mode``.
+
+    int8: one byte per parameter and one scale per output channel; int4: half a byte per
+    parameter and a scale and a zero per ``INT4_GROUP`` inputs. Scales are in the
+    kernel's dtype, bfloat16 for a float32 model (``model.quant.kernel_dtype``).
+    """
+    scale = 2 if dtype == "float32" else BYTES_PER_PARAM[dtype]
+    if mode == "int8":
+        return params + rows * scale
+    return params / 2 + 2 * params / INT4_GROUP * scale
 
 
 def stage_needs(sizes: ModelSizes, plan: StagePlan, *, dtype: str, context: int, batch: int,
