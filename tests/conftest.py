@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -76,3 +77,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def torch_pp_cache(tmp_path_factory) -> Path:
     """Where the embedded model is converted: TORCH_PP_CACHE if set (CI reuses it), else a fresh folder."""
     return Path(os.environ.get("TORCH_PP_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def smol_reference(torch_pp_cache):
+    """The embedded SmolLM2 (converted into the test cache): its folder, tokenizer and the whole
+    model in this process, in float32 on the CPU (the single-process transformers reference)."""
+    os.environ["TORCH_PP_CACHE"] = str(torch_pp_cache)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from torch_pp.default_model import ensure_default_model
+
+    folder = ensure_default_model(progress=False)
+    return folder, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -1,8 +1,9 @@
-"""The decode benchmark's machinery on a tiny model: alternating turns, the same tokens on both sides."""
+"""The benchmarks' machinery on small models: alternating turns, the same tokens on both sides, every figure present."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -64,3 +65,19 @@ def test_bench_quant_reports_every_mode_with_shrinking_weights(tiny_models, tmp_
     assert layers[0] > layers[1] > layers[2], layers
     assert figures["none"]["same_tokens_as_unquantized"] is True
     assert "decode tok/s" in run.stdout
+
+
+def test_bench_serve_compares_the_pipeline_with_one_process(torch_pp_cache, tmp_path):
+    out = tmp_path / "serve.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--clients", "1,2", "--requests", "1",
+                          "--new", "4", "--rounds", "1", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "TORCH_PP_CACHE": str(torch_pp_cache)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    for server in ("pipeline", "one_process"):
+        for clients in (1, 2):
+            f = figures[f"{server}/{clients}"]
+            assert f["tokens_per_s"] > 0 and 0 < f["ttft_p50_s"] <= f["ttft_p95_s"], (server, clients, f)
+    assert figures["ratio/2"] > 0
+    assert "TTFT p50 ms" in run.stdout

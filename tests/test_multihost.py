@@ -9,8 +9,6 @@ import time
 
 import psutil
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import netns
 from conftest import free_port
@@ -24,13 +22,8 @@ NEW = 16
 
 
 @pytest.fixture(scope="module")
-def smol(torch_pp_cache):
-    os.environ["TORCH_PP_CACHE"] = str(torch_pp_cache)
-    from torch_pp.default_model import ensure_default_model
-
-    folder = ensure_default_model(progress=False)
-    tok = AutoTokenizer.from_pretrained(folder)
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def smol(smol_reference):
+    folder, tok, ref = smol_reference
     inputs = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     want = ref.generate(**inputs, max_new_tokens=NEW, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
     return folder, want

@@ -18,11 +18,26 @@ from .options import BALANCES, DTYPE_NAMES, QUANTIZE_MODES, OptionsError, Settin
 from .placement.plan import PlanError, check_stage_count
 
 
+def _add_start_options(p: argparse.ArgumentParser) -> None:
+    """What ``generate`` and ``serve`` share: the model, its placement, device, dtype and quantization."""
+    p.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES))
+    p.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="int8 or int4: each stage quantizes its decoder layers' linear weights as it loads them")
+    p.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
+    p.add_argument("--balance", choices=BALANCES, default="memory",
+                   help="place layers by each rank's free memory (default), by work per token "
+                        "(compute: best with several lanes) or evenly")
+    p.add_argument("--context", type=int, default=4096, help="tokens the KV cache is sized for when placing layers")
+    p.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torch_pp", description="Pipeline-parallel LLM inference over Gloo.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt (run under torchrun for several stages)")
-    gen.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -33,18 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--repetition-penalty", type=float)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=list(DTYPE_NAMES))
-    gen.add_argument("--device", help="mps, cuda, cuda:N or cpu; default: best available")
-    gen.add_argument("--quantize", choices=QUANTIZE_MODES,
-                     help="int8 or int4: each stage quantizes its decoder layers' linear weights as it loads them")
-    gen.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
-    gen.add_argument("--balance", choices=BALANCES, default="memory",
-                     help="place layers by each rank's free memory (default), by work per token "
-                          "(compute: best with several lanes) or evenly")
-    gen.add_argument("--context", type=int, default=4096, help="tokens the KV cache is sized for when placing layers")
-    gen.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
+    _add_start_options(gen)
     gen.add_argument("--output", choices=["text", "json"], default="text")
-    gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    srv = sub.add_parser("serve", help="serve an OpenAI-compatible API on rank 0 (run under torchrun for several stages)")
+    _add_start_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
+    srv.add_argument("--max-concurrent", type=int, default=8, help="requests generating at once, each in its own lane")
+    srv.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot; more get HTTP 429")
+    srv.add_argument("--served-model-name", help="the model's name in the API (default: the folder's name)")
     wk = sub.add_parser("worker", help="serve one stage for a driver process (a notebook): see torch_pp.interactive")
     wk.add_argument("--driver", required=True, help="the driver's address:port")
     wk.add_argument("--rank", type=int, required=True, help="this stage's rank, 1 .. stages-1")
@@ -116,26 +129,30 @@ def run_doctor(args: argparse.Namespace, transport) -> int:
         from .placement.config import read_config
 
         size = read_config(args.model).hidden_size * 2
-    check = None
-    if args.quantize:
-        import torch
-
-        from .devices import default_dtype, supported_dtypes
-        from .errors import DeviceError
-        from .model.quant import check_supported
-
-        def check(device) -> dict:
-            dtype = args.dtype or default_dtype(device.type, None, supported_dtypes(device))
-            try:
-                check_supported(args.quantize, device=device, dtype=getattr(torch, dtype))
-            except DeviceError as exc:
-                return {"mode": args.quantize, "dtype": dtype, "refused": str(exc)}
-            return {"mode": args.quantize, "dtype": dtype, "refused": None}
     report, _, problems = doctor.run(transport, device=args.device, message_bytes=size, expect_gbit=args.expect_gbit,
-                                     quantize_check=check)
+                                     quantize_check=_quantize_check(args.quantize, args.dtype) if args.quantize else None)
     if transport.rank == 0:
         print(json.dumps(report) if args.output == "json" else doctor.format_report(report), flush=True)
     return 1 if problems else 0
+
+
+def _quantize_check(mode: str, dtype: str | None):
+    """For ``doctor --quantize``: tries the quantized multiply on a rank's device (see ``model.quant``)."""
+    import torch
+
+    from .devices import default_dtype, supported_dtypes
+    from .errors import DeviceError
+    from .model.quant import check_supported
+
+    def check(device) -> dict:
+        name = dtype or default_dtype(device.type, None, supported_dtypes(device))
+        try:
+            check_supported(mode, device=device, dtype=getattr(torch, name))
+        except DeviceError as exc:
+            return {"mode": mode, "dtype": name, "refused": str(exc)}
+        return {"mode": mode, "dtype": name, "refused": None}
+
+    return check
 
 
 def _quiet_worker(rank: int) -> None:
@@ -150,15 +167,23 @@ def _quiet_worker(rank: int) -> None:
         logging.getLogger("torch_pp").setLevel(logging.DEBUG)
 
 
-def generate_options(args: argparse.Namespace) -> StartOptions:
-    """The start options of ``generate``, checked with its sampling arguments before anything starts.
+def start_options(args: argparse.Namespace) -> StartOptions:
+    """The start options of ``generate`` or ``serve``, checked with the command's own arguments
+    before anything starts.
 
     Raises:
         OptionsError: for an option out of range.
     """
-    check_generation_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                          min_new_tokens=args.min_new_tokens)
+    if args.command == "generate":
+        check_generation_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                              min_new_tokens=args.min_new_tokens)
+    else:
+        if args.max_concurrent < 1 or args.max_queue < 0:
+            raise OptionsError(f"--max-concurrent must be at least 1 and --max-queue at least 0, "
+                               f"got {args.max_concurrent} and {args.max_queue}")
+        if not 0 < args.port < 65536:
+            raise OptionsError(f"--port {args.port} is out of range: it must be in 1..65535")
     return StartOptions(model=args.model, layers=args.layers, balance=args.balance, context=args.context,
                         max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
                         device=args.device, dtype=args.dtype, progress=not args.no_progress, quantize=args.quantize)
@@ -256,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
-    if args.command == "generate":
+    serving = args.command == "serve"
+    if args.command in ("generate", "serve"):
         try:  # every rank checks the same command line: one message, and no process group formed
-            options = generate_options(args)
+            options = start_options(args)
             preflight(options, int(os.environ.get("WORLD_SIZE", "1")))
         except (OptionsError, PlanError) as exc:
             if _reports(rank):
@@ -279,9 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             from .interactive import worker_main
 
             return worker_main(driver=args.driver, rank=args.rank, stages=args.stages, local_rank=args.local_rank)
-        transport = Transport.from_env(handle_signals=True)
+        # A server's rank 0 leaves SIGINT/SIGTERM to the HTTP server (which then ends every stage
+        # cleanly) and answers 503 when a stage is lost instead of ending.
+        transport = Transport.from_env(handle_signals=not (serving and rank == 0), exit_on_loss=not (serving and rank == 0))
         if args.command == "generate":
             return run_generate(args, options, transport)
+        if serving:
+            from .api.server import run_serve
+
+            return run_serve(args, options, transport)
         if args.command == "doctor":
             return run_doctor(args, transport)
     except StartupError as exc:

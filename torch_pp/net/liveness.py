@@ -29,6 +29,7 @@ The store is any object with ``set``, ``get``, ``add`` and ``check`` (a c10d sto
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -195,6 +196,12 @@ class Monitor:
             elif now - seen[1] > self.stale_s:
                 return r
         return None
+
+    @staticmethod
+    def lost_rank(verdict: str | None) -> int | None:
+        """The rank a verdict (``_lost_message``'s, possibly another rank's) names as lost, if any."""
+        match = re.match(r"lost stage (\d+) on ", verdict or "")
+        return int(match.group(1)) if match else None
 
     def _lost_message(self, r: int, why: str | None = None) -> str:
         role = self._roles.get(r, "not yet loaded")

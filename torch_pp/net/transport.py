@@ -49,12 +49,14 @@ class Transport:
         self._link = link
 
     @classmethod
-    def from_env(cls, *, handle_signals: bool = False) -> "Transport":
+    def from_env(cls, *, handle_signals: bool = False, exit_on_loss: bool = True) -> "Transport":
         """Join the group described by torchrun's variables, or run alone without them.
 
         Args:
             handle_signals: Let the liveness monitor act on SIGINT/SIGTERM (main thread only;
                 the CLI does this so Ctrl-C on rank 0 stops every stage).
+            exit_on_loss: End this process when another rank is lost (False for a server's rank 0,
+                which answers that a stage is lost instead).
 
         Raises:
             TransportError: if the group cannot be formed, with the reason.
@@ -65,7 +67,7 @@ class Transport:
             rank=rank, world_size=int(env.get("WORLD_SIZE", "1")), local_rank=int(env.get("LOCAL_RANK", "0")),
             addr=env.get("MASTER_ADDR", "127.0.0.1"), port=int(env.get("MASTER_PORT", "29500")),
             host_store=env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0,
-            handle_signals=handle_signals,
+            handle_signals=handle_signals, exit_on_loss=exit_on_loss,
         )
 
     @classmethod

@@ -1,0 +1,75 @@
+"""``torch_pp serve``: load the pipeline once, then rank 0 serves the OpenAI-compatible API over HTTP
+while every other rank serves its stage; SIGINT or SIGTERM on rank 0 ends every rank cleanly."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def run_serve(args, options, transport) -> int:
+    """Start the pipeline; on rank 0 serve HTTP until stopped, then close the pipeline."""
+    import uvicorn
+
+    from ..net.liveness import Monitor
+    from ..pipeline import start
+    from .app import build_app
+    from .engine import Engine
+
+    pipe = start(options=options, transport=transport)
+    if not pipe.is_driver:
+        return 0
+    with pipe:
+        if args.host not in LOCAL_HOSTS and not args.api_key:
+            print(f"torch_pp: warning: serving on {args.host} without --api-key: anyone who reaches port {args.port} "
+                  "can use the model", file=sys.stderr, flush=True)
+        engine = Engine(pipe.model, pipe.tokenizer(), max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                        lost=lambda: pipe.driver.lost if pipe.driver else None)  # one stage: nothing to lose
+        stages = [{"rank": r, "host": transport.hellos[r]["host"], "layers": list(pipe.plan.ranges[r])}
+                  for r in range(pipe.plan.num_stages)]
+        name = args.served_model_name or Path(pipe.model_dir).name
+
+        def ready() -> None:
+            shown = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"torch_pp: serving {name} at http://{shown}:{args.port}/v1 ({len(stages)} stages; "
+                  f"up to {args.max_concurrent} requests at once)", flush=True)
+
+        app = build_app(engine, model_name=name, stages=stages, api_key=args.api_key, lost_rank=Monitor.lost_rank)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               timeout_graceful_shutdown=3))
+        _serve_until_signal(server, on_ready=ready)
+        engine.drain()  # then the pipeline closes on every rank (leaving the with block)
+    if not server.started:
+        print(f"torch_pp: error: could not listen on {args.host}:{args.port} (in use, or not this machine's address); "
+              "choose another --port or --host", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _serve_until_signal(server, *, on_ready) -> None:
+    """Run uvicorn in a thread until SIGINT or SIGTERM, then stop it gracefully: it stops accepting
+    and lets requests end (cancelling those still streaming after a few seconds). ``on_ready`` is
+    called once it listens.
+
+    uvicorn's own handlers would re-raise the signal once it stops, ending the process before the
+    pipeline could end the other stages; in a thread it installs none, and this one decides.
+    """
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=server.run, name="torch_pp-http", daemon=True)
+    thread.start()
+    try:
+        announced = False
+        while thread.is_alive() and not stop.wait(0.05):
+            if server.started and not announced:
+                on_ready()
+                announced = True
+        server.should_exit = True
+        thread.join(timeout=15)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
