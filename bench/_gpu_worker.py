@@ -3,6 +3,7 @@
     python _gpu_worker.py hf DIR          # transformers on one GPU (cuda:0)
     python _gpu_worker.py balanced DIR    # transformers + accelerate, device_map="balanced" over every GPU
     torchrun --nproc-per-node 2 _gpu_worker.py pipeline DIR   # torch_pp, one stage per GPU
+    torchrun --nproc-per-node 2 _gpu_worker.py pipeline-eager DIR   # the same with graphs=False
 
 Each turn is a JSON spec (see ``measure``); before its first turn the worker runs every spec
 once, so that every sequence length has been seen (cuDNN builds an attention plan per new KV
@@ -75,10 +76,11 @@ def memory() -> list[int]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    if KIND == "pipeline":
+    if KIND.startswith("pipeline"):
         import torch_pp
 
-        pipe = torch_pp.start(MODEL, dtype="bfloat16", device=DEVICE, progress=False)
+        pipe = torch_pp.start(MODEL, dtype="bfloat16", device=DEVICE, progress=False,
+                              graphs=False if KIND == "pipeline-eager" else None)
         if not pipe.is_driver:
             return
         model, device = pipe.model, pipe.device
@@ -100,7 +102,8 @@ def main() -> None:
         if pipe is None:
             return {"peak_memory_bytes": memory()}
         stages = pipe.stats()
-        figures = {"stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes")}
+        figures = {"stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes",
+                                                 "graphs", "graph_steps", "slot_steps", "eager_steps") if k in s}
                               for s in stages]}
         # The wire's share, on one stream of decode alone (lanes and prefill runs would blur it): rank 0's
         # waits for the stages minus their compute, and where one decode step's time goes per stage.

@@ -11,7 +11,9 @@ reporting medians:
 * ``hf``: transformers ``generate()`` on one GPU;
 * ``accelerate``: the same model split over both GPUs in one process (``device_map="balanced"``),
   what a user with one multi-GPU box would pick instead;
-* ``torch_pp``: two stages under torchrun, one per GPU.
+* ``torch_pp``: two stages under torchrun, one per GPU;
+* ``torch_pp_eager`` (ask for it in ``--contenders``): the same with ``graphs=False``, the stages'
+  decode steps run eagerly (see ``torch_pp.model.graphs``).
 
 Each contender first runs every measurement once (every KV length warmed: cuDNN plans an
 attention kernel per new length). Figures: decode tokens/s (one stream), time to first token
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -101,6 +104,50 @@ def specs(args) -> dict[str, dict]:
 ONLY_PIPELINE = ("_unchunked", "_chunked", "_chunk1024", "_lanes1", "_lanes2")
 
 
+def summarize(args, model, names, plan, runs, finals) -> dict:
+    """Medians, memory (once ``finals`` holds each worker's last figures), equal tokens and decode ratios."""
+
+    def med(name, key, field):
+        values = [x[field] for x in runs[name][key] if x.get(field) is not None]
+        return statistics.median(values) if values else None
+
+    result = {"model": str(model), "shape": None if args.model else args.shape, "rounds": args.rounds,
+              "new_tokens": args.new_tokens, "figures": {}, "runs": {}, "memory": {}, "same_tokens": {}}
+    for name in names:
+        fig = result["figures"][name] = {}
+        result["runs"][name] = {}
+        for key in plan:
+            if runs[name][key]:
+                field = {"decode": "decode_tokens_per_s"}.get(key, "tokens_per_s" if key.startswith("batch") else "wall_s")
+                fig[key] = med(name, key, field)
+                result["runs"][name][key] = [x.get(field) for x in runs[name][key]]  # in round order
+        if "decode" in runs[name]:
+            fig["decode_ttft_s"] = med(name, "decode", "ttft_s")
+        if name in finals:
+            result["memory"][name] = finals[name].get("peak_memory_bytes") or [s["peak_memory_bytes"] for s in finals[name]["stages"]]
+    if "torch_pp" in finals:
+        result["torch_pp"] = {k: finals["torch_pp"][k]
+                              for k in ("communication_share", "per_boundary_ms", "per_step_ms_by_stage", "stages")}
+    for i, a in enumerate(names):  # greedy tokens, every pair of contenders
+        for b in names[i + 1:]:
+            for key in ("decode", "batch8"):
+                result["same_tokens"][f"{a}/{b}/{key}"] = all(
+                    x["tokens"] == y["tokens"] for x, y in zip(runs[a][key], runs[b][key]))
+    if "torch_pp" in names:
+        fig = result["figures"]["torch_pp"]
+        for length in (args.long, args.xlong):  # the default rule against the best fixed choice
+            best = [fig.get(f"ttft{length}{v}") for v in ("_unchunked", "_chunked", "_chunk1024")]
+            if fig.get(f"ttft{length}") and all(best):
+                fig[f"ttft{length}_default_over_best"] = fig[f"ttft{length}"] / min(best)
+        for other in (n for n in names if n != "torch_pp"):
+            # Each round's runs share the machine's moment: ratios per round, then their median.
+            ratios = [p["decode_tokens_per_s"] / h["decode_tokens_per_s"]
+                      for h, p in zip(runs[other]["decode"], runs["torch_pp"]["decode"])]
+            if ratios:
+                result["figures"]["torch_pp"]["decode_ratio_over_" + other] = statistics.median(ratios)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="8b")
@@ -123,6 +170,7 @@ def main() -> None:
         "hf": ([sys.executable, str(HERE / "_gpu_worker.py"), "hf", str(model)], shared),
         "accelerate": ([sys.executable, str(HERE / "_gpu_worker.py"), "balanced", str(model)], shared),
         "torch_pp": (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline", str(model)), list(plan.values())),
+        "torch_pp_eager": (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline-eager", str(model)), shared),
     }
     workers = {}
     for name in names:  # one at a time: loading three models at once would measure the disk
@@ -131,41 +179,22 @@ def main() -> None:
                                          "BENCH_DEVICE": args.device})
     runs: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in plan} for n in names}
     for r in range(args.rounds):
-        for key, spec in plan.items():
+        # The figures in a new order each round, as well as the contenders: a run can pay for the
+        # one before it (a 1430-token prompt right after a decode stream ran 1.25x slower than the
+        # same prompt in the same code path next to it, 2x H200).
+        keys = list(plan)
+        random.Random(r).shuffle(keys)
+        for key in keys:
+            spec = plan[key]
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
                 if name != "torch_pp" and key.endswith(ONLY_PIPELINE):
                     continue
                 runs[name][key].append(workers[name].ask("run " + json.dumps(spec)))
+        if args.json:  # each round's figures so far: a run cut short still leaves them
+            Path(args.json).write_text(json.dumps(summarize(args, model, names, plan, runs, {}), indent=1))
     finals = {name: w.close() for name, w in workers.items()}
-
-    def med(name, key, field):
-        values = [x[field] for x in runs[name][key] if x.get(field) is not None]
-        return statistics.median(values) if values else None
-
-    result = {"model": str(model), "shape": None if args.model else args.shape, "rounds": args.rounds,
-              "new_tokens": args.new_tokens, "figures": {}, "memory": {}, "same_tokens": {}}
-    for name in names:
-        fig = result["figures"][name] = {}
-        for key in plan:
-            if runs[name][key]:
-                field = {"decode": "decode_tokens_per_s"}.get(key, "tokens_per_s" if key.startswith("batch") else "wall_s")
-                fig[key] = med(name, key, field)
-        if "decode" in runs[name]:
-            fig["decode_ttft_s"] = med(name, "decode", "ttft_s")
-        result["memory"][name] = finals[name].get("peak_memory_bytes") or [s["peak_memory_bytes"] for s in finals[name]["stages"]]
-    if "torch_pp" in finals:
-        result["torch_pp"] = {k: finals["torch_pp"][k]
-                              for k in ("communication_share", "per_boundary_ms", "per_step_ms_by_stage", "stages")}
-    if "torch_pp" in names:
-        for other in (n for n in names if n != "torch_pp"):
-            for key in ("decode", "batch8"):
-                result["same_tokens"][f"torch_pp/{other}/{key}"] = all(
-                    a["tokens"] == b["tokens"] for a, b in zip(runs[other][key], runs["torch_pp"][key]))
-            # Each round's runs share the machine's moment: ratios per round, then their median.
-            ratios = [p["decode_tokens_per_s"] / h["decode_tokens_per_s"]
-                      for h, p in zip(runs[other]["decode"], runs["torch_pp"]["decode"])]
-            result["figures"]["torch_pp"]["decode_ratio_over_" + other] = statistics.median(ratios)
+    result = summarize(args, model, names, plan, runs, finals)
     dump(result, args.json)
 
     print()

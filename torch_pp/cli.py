@@ -31,6 +31,9 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
                         "(compute: best with several lanes) or evenly")
     p.add_argument("--context", type=int, default=4096, help="tokens the KV cache is sized for when placing layers")
     p.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the stages' decode steps as CUDA graphs over caches preallocated for --context "
+                        "tokens (default: on for CUDA stages of the models that allow it)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -186,7 +189,8 @@ def start_options(args: argparse.Namespace) -> StartOptions:
             raise OptionsError(f"--port {args.port} is out of range: it must be in 1..65535")
     return StartOptions(model=args.model, layers=args.layers, balance=args.balance, context=args.context,
                         max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                        device=args.device, dtype=args.dtype, progress=not args.no_progress, quantize=args.quantize)
+                        device=args.device, dtype=args.dtype, progress=not args.no_progress, quantize=args.quantize,
+                        graphs=args.graphs)
 
 
 def preflight(options: StartOptions, world_size: int) -> None:

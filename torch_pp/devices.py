@@ -7,6 +7,7 @@ only decides where the math runs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -272,26 +273,49 @@ class DeviceTurn:
     MPS work from two Python threads can abort the process in Metal (pytorch#197805). Rank 0's
     threads (lanes, a server's requests) hold the turn while they compute and release it while
     they wait for the other stages; on every device alike, so CPU and CUDA runs take the path
-    MPS takes. Re-entrant per thread (generate() calls forward()).
+    MPS takes. Re-entrant per thread (generate() calls forward()). First come, first served,
+    and a ``generate()`` call passes its turn on after each token (``pass_on``): with nothing to
+    wait for in between (one stage), a request would otherwise hold the device until it ends.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()  # threads waiting, in arrival order
+        self._held = False
         self._local = threading.local()
+
+    def _acquire(self) -> None:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while self._held or self._queue[0] is not me:
+                    self._cond.wait()
+            except BaseException:  # an interrupt while waiting: leave the queue, or it would stall
+                self._queue.remove(me)
+                self._cond.notify_all()
+                raise
+            self._queue.popleft()
+            self._held = True
+
+    def _release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
 
     @contextlib.contextmanager
     def held(self):
         """Hold the turn for this block (nested blocks in one thread share it)."""
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            self._lock.acquire()
+            self._acquire()
         self._local.depth = depth + 1
         try:
             yield
         finally:
             self._local.depth = depth
             if depth == 0:
-                self._lock.release()
+                self._release()
 
     @contextlib.contextmanager
     def given_up(self):
@@ -299,10 +323,16 @@ class DeviceTurn:
         depth = getattr(self._local, "depth", 0)
         if depth:
             self._local.depth = 0
-            self._lock.release()
+            self._release()
         try:
             yield
         finally:
             if depth:
-                self._lock.acquire()
+                self._acquire()
                 self._local.depth = depth
+
+    def pass_on(self) -> None:
+        """Between two steps: if other threads wait for the turn, let them have it first."""
+        if getattr(self._local, "depth", 0) and self._queue:
+            with self.given_up():
+                pass

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .devices import DeviceTurn
@@ -39,6 +40,17 @@ def check_generation_mode(model, kwargs: dict) -> None:
             f"torch_pp runs greedy search and sampling only; {mode.value.replace('_', ' ')} needs to reorder or crop "
             "the KV cache that lives on the other stages. Use num_beams=1 and no assistant model"
         )
+
+
+class _PassTurn(StoppingCriteria):
+    """Never stops a sequence: after each token it lets other threads waiting for the device go first."""
+
+    def __init__(self, turn: DeviceTurn) -> None:
+        self.turn = turn
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.turn.pass_on()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def guard_generate(model, *, driver=None, turn=None) -> None:
@@ -67,6 +79,8 @@ def guard_generate(model, *, driver=None, turn=None) -> None:
                                            "max_new_tokens", "min_new_tokens")})
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
+        # After each token, other callers waiting for the device go first (see ``DeviceTurn``).
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or ()), _PassTurn(turn)])
         with turn.held():
             out = _generate(original, args, kwargs, count)
         if driver is not None:  # not after a failure: its own error must be what the caller sees

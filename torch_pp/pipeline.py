@@ -23,10 +23,11 @@ from .default_model import ensure_default_model
 from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device,
                       pick_dtype)
 from .generate import guard_generate
+from .model import graphs
 from .model.loading import LoadedStage, load_stage, model_fingerprint
 from .model.quant import check_supported as check_quantize
 from .placement.config import read_config
-from .options import StartOptions
+from .options import OptionsError, StartOptions
 from .placement.plan import PlanError, StagePlan
 from .runtime.agreement import agree, agree_on
 from .runtime.driver import Driver
@@ -75,7 +76,8 @@ class Pipeline:
         return self.transport.rank == 0
 
     def describe(self) -> dict:
-        """This rank's figures: rank, host, layers, device, dtype, weight bytes, peak memory."""
+        """This rank's figures: rank, host, layers, device, dtype, weight bytes, peak memory, and on
+        ranks > 0 how its decode steps ran (``StageRunner.figures``)."""
         start, end = self.plan.ranges[self.rank]
         return {
             "rank": self.rank,
@@ -85,6 +87,7 @@ class Pipeline:
             "dtype": dtype_name(self.dtype),
             "weight_bytes": self.stage.weight_bytes,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            **(self.stage.runner.figures() if self.stage.runner is not None else {}),
         }
 
     def stats(self, *, spans_since: float | None = None) -> list[dict]:
@@ -161,6 +164,10 @@ def start(
         quantize: ``"int8"`` or ``"int4"``: each stage quantizes its decoder layers' linear weights as it
             reads them (weight-only: int8 per output channel, int4 per 32 inputs); embeddings and
             the LM head stay in ``dtype``.
+        graphs: Decode steps of the stages after the first as captured CUDA graphs, over KV caches
+            preallocated for ``context`` tokens per sequence (see ``model.graphs``). None: on for CUDA
+            stages of the families that allow it; True: required (on a CPU or Mac the same steps
+            run eagerly); False: off.
         transport: An existing transport to reuse; default: join torchrun's group (or run alone).
 
     Returns:
@@ -247,12 +254,25 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
     load_start = time.perf_counter()
     stage, load_s = agree(
         transport,
-        lambda: (load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt, progress=show,
-                            quantize=o.quantize),
+        lambda: (_use_slots(load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt,
+                                       progress=show, quantize=o.quantize), o, device=dev, dtype=dt),
                  time.perf_counter() - load_start),
         what="load the model",
     )
     return model_dir, plan, dev, dt, stage, load_s
+
+
+def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dtype):
+    """Ranks > 0: preallocated caches and captured decode steps, where ``o.graphs`` asks and the model allows."""
+    if stage.runner is None or o.graphs is False:
+        return stage
+    reason = graphs.unsupported(stage.runner.config)
+    if reason is not None and o.graphs:
+        raise OptionsError(f"graphs=True: {reason}; leave graphs unset or False")
+    if reason is None and (o.graphs or device.type == "cuda"):
+        stage.runner.use_slots(max_len=o.context, device=device, dtype=dtype, capture=device.type == "cuda",
+                               room=lambda size: memory_available(device) - size >= DEFAULT_RESERVE)
+    return stage
 
 
 def _drive(pipe: Pipeline, o: StartOptions) -> None:

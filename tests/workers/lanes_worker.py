@@ -23,11 +23,19 @@ if pipe.is_driver:
     batch[mask == 0] = 0
     batch, mask = batch.to(pipe.device), mask.to(pipe.device)
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
-    report = {}
-    for lanes in (2, 3):
+    report = {"lane_threads": []}
+    seen = set()  # the threads that ran rank 0's forward passes
+    hook = pipe.model.get_input_embeddings().register_forward_pre_hook(lambda *_: seen.add(threading.get_ident()))
+    for lanes in (2, 2, 3):
         parts = torch.tensor_split(torch.arange(6), lanes)
         want = torch.cat([ref.generate(batch[p], attention_mask=mask[p], **kw) for p in parts])
+        seen.clear()
         report[f"lanes{lanes}"] = torch.equal(pipe.model.generate(batch, attention_mask=mask, lanes=lanes, **kw), want)
+        report["lane_threads"].append(sorted(seen))
+    hook.remove()
+    from torch_pp.workers import POOL
+
+    report["threads_made"] = POOL.threads
     # Default: one lane, the whole batch as transformers runs it.
     want = ref.generate(batch, attention_mask=mask, **kw)
     before = pipe.stats()[1]["forwards"]

@@ -22,6 +22,7 @@ from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCr
 
 from ..errors import OptionsError
 from ..options import check_generation_args
+from ..workers import POOL
 
 
 class Busy(Exception):
@@ -184,8 +185,8 @@ class Engine:
             self.waiting += 1
             self._active.add(generation)
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        thread = threading.Thread(target=self._run, args=(generation, streamer), name="torch_pp-request", daemon=True)
-        thread.start()
+        # A kept thread, not a new one: a new thread has no cuDNN attention plans (see ``torch_pp.workers``).
+        done = POOL.submit(self._run, generation, streamer)
         trimmer = StopTrimmer(generation.request.stop)
         try:
             async for piece in streamer:
@@ -197,8 +198,7 @@ class Engine:
             rest = trimmer.finish()
             if rest:
                 yield rest
-            while thread.is_alive():  # the figures are set as the thread ends
-                await asyncio.sleep(0.005)
+            await asyncio.wrap_future(done)  # the figures are set as the call ends
             if generation.error is not None:
                 raise generation.error
             if trimmer.stopped:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from ..errors import StageError
+from . import graphs
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -210,7 +211,33 @@ class StageRunner:
         self.layers = layers
         self.config = config
         self.cache_kw = cache_keyword(next(iter(layers.values())))
-        self.caches: dict[int, tuple[DynamicCache, int]] = {}  # lane -> (KV cache, tokens in it)
+        self.caches: dict[int, tuple[DynamicCache | graphs.Slot, int]] = {}  # lane -> (KV cache, tokens in it)
+        self.slots: dict[int, list[graphs.Slot]] | None = None  # batch size -> free slots; None: no slots
+        self._slot_len = 0
+        self._slot_args: dict = {}
+        self._room: Callable[[int], bool] = lambda n: True
+        self._slot_dtype = torch.float32
+        self._steps = collections.Counter()  # decode steps by how they ran
+
+    def use_slots(self, *, max_len: int, device: torch.device, dtype: torch.dtype, capture: bool,
+                  room: Callable[[int], bool]) -> None:
+        """Give each lane a preallocated ``graphs.Slot`` of ``max_len`` positions, its decode steps
+        captured as CUDA graphs where ``capture``.
+
+        Args:
+            max_len: Positions per sequence (the context the plan was sized for); a lane that
+                outgrows it continues in a dynamic cache.
+            device, dtype: Where and in what the cache lives.
+            capture: Capture decode steps (CUDA only); False runs the same steps eagerly.
+            room: ``room(bytes)`` says whether a new slot of that many bytes may be allocated; a
+                lane that finds no room runs with a dynamic cache.
+        """
+        self.slots, self._slot_len, self._room = {}, max_len, room
+        if capture:
+            graphs.install(self.config)
+        self._slot_args = {"cache_kw": self.cache_kw, "max_len": max_len, "device": device, "capture": capture,
+                           "pool": torch.cuda.graph_pool_handle() if capture else None}
+        self._slot_dtype = dtype
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
@@ -222,13 +249,44 @@ class StageRunner:
         cache = None
         if use_cache:
             if past_len == 0:
-                self.caches[lane] = (DynamicCache(config=self.config), 0)
+                self.free(lane)
+                self.caches[lane] = (self._new_cache(hidden.shape[0], hidden.shape[1]), 0)
             cache, seen = self.caches.get(lane, (None, -1))
             if cache is None or seen != past_len:
                 raise StageError(
                     f"KV cache of lane {lane} out of step: this stage holds {max(seen, 0)} tokens, rank 0 expects {past_len}. "
                     "Beam search, assisted decoding, cache cropping and copied caches are not supported"
                 )
+            if isinstance(cache, graphs.Slot) and past_len + hidden.shape[1] > self._slot_len:
+                cache = self._spill(lane, cache, past_len)
+        if isinstance(cache, graphs.Slot):
+            shared = next(iter(layer_kwargs.values()))
+            out = None
+            if hidden.shape[1] == 1 and not collect and all(kw is shared for kw in layer_kwargs.values()):
+                out = cache.step(hidden, shared, past_len)
+            if hidden.shape[1] == 1:
+                self._steps["graph_steps" if out is not None else "slot_steps"] += 1
+            hidden, states = (out, []) if out is not None else cache.run(
+                lambda kv: self._layers(hidden, layer_kwargs, kv, collect=collect), past_len)
+        else:
+            self._steps["eager_steps"] += hidden.shape[1] == 1
+            hidden, states = self._layers(hidden, layer_kwargs, cache, collect=collect)
+        if use_cache:
+            self.caches[lane] = (self.caches[lane][0], past_len + hidden.shape[1])
+        return (hidden, states) if collect else hidden
+
+    def figures(self) -> dict:
+        """How this stage's decode steps ran: ``graphs`` (on, eager slots, or off), slots made, and
+        decode steps replayed from captured pieces, run eagerly in a slot, or run eagerly in a
+        dynamic cache."""
+        if self.slots is None:
+            return {"graphs": "off"}
+        made = sum(len(free) for free in self.slots.values()) + sum(isinstance(c, graphs.Slot) for c, _ in self.caches.values())
+        return {"graphs": "on" if self._slot_args["capture"] else "eager", "slots": made,
+                "graph_steps": self._steps["graph_steps"], "slot_steps": self._steps["slot_steps"],
+                "eager_steps": self._steps["eager_steps"]}
+
+    def _layers(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], cache, *, collect: bool):
         states = []
         for idx, layer in self.layers.items():
             kwargs = dict(layer_kwargs[idx])
@@ -238,14 +296,35 @@ class StageRunner:
                 hidden = hidden[0]
             if collect:
                 states.append(hidden)
-        if use_cache:
-            self.caches[lane] = (cache, past_len + hidden.shape[1])
-        return (hidden, states) if collect else hidden
+        return hidden, states
+
+    def _new_cache(self, batch: int, prompt_len: int):
+        """A free slot for ``batch`` sequences, a new one if there is room, else a dynamic cache."""
+        if self.slots is None or prompt_len > self._slot_len:
+            return DynamicCache(config=self.config)
+        free = self.slots.setdefault(batch, [])
+        if free:
+            return free.pop()
+        size = graphs.slot_bytes(self.config, layers=len(self.layers), batch=batch, max_len=self._slot_len,
+                                 dtype=self._slot_dtype)
+        if not self._room(size):
+            return DynamicCache(config=self.config)
+        return graphs.Slot(self.layers, batch=batch, **self._slot_args)
+
+    def _spill(self, lane: int, slot: "graphs.Slot", past_len: int) -> DynamicCache:
+        """Move a lane that outgrows its slot into a dynamic cache, and free the slot."""
+        cache = slot.kv.to_dynamic(past_len, self.config)
+        self.caches[lane] = (cache, past_len)
+        self.slots[slot.kv.batch].append(slot)
+        return cache
 
     def free(self, lane: int) -> None:
-        """Drop one lane's KV cache (its sequence is finished)."""
-        self.caches.pop(lane, None)
+        """Drop one lane's KV cache (its sequence is finished); its slot serves later lanes."""
+        cache, _ = self.caches.pop(lane, (None, 0))
+        if isinstance(cache, graphs.Slot):
+            self.slots[cache.kv.batch].append(cache)
 
     def reset(self) -> None:
         """Drop every KV cache (a closed session)."""
-        self.caches.clear()
+        for lane in list(self.caches):
+            self.free(lane)

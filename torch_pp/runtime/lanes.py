@@ -10,9 +10,9 @@ module splits one batched ``generate()`` call into such concurrent sub-batches.
 
 from __future__ import annotations
 
-import threading
-
 import torch
+
+from ..workers import POOL
 
 
 def split_generate(generate, *, lanes: int, pad_with: int, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -32,11 +32,9 @@ def split_generate(generate, *, lanes: int, pad_with: int, input_ids: torch.Tens
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(j, rows), name=f"torch_pp-lane-{j}") for j, rows in enumerate(parts)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # Kept threads, not new ones: a new thread has no cuDNN attention plans (see ``workers``).
+    for done in [POOL.submit(run, j, rows) for j, rows in enumerate(parts)]:
+        done.result()
     if errors:
         raise errors[0]
     width = max(r.shape[1] for r in results)

@@ -1,0 +1,250 @@
+"""A stage's decode step as replayed CUDA graphs, over KV caches preallocated per lane.
+
+Why: a decode step of an eager stage launches a few hundred small kernels, and on an
+accelerator the host spends longer launching each than the device spends running it (one
+H200, 8B shape, 16 layers: 13.9 ms of launches for ~2 ms of GPU work). CUDA graphs launch
+them in a few calls.
+
+A graph fixes shapes and addresses, so each lane's keys and values live in a ``Slot``:
+buffers sized for the whole context, written at a position held on the device. Attention
+is the one operation whose shape grows with every token, so the step is captured in pieces
+cut at each layer's attention (vLLM's piecewise graphs): between two pieces the attention
+runs eagerly, through transformers' own sdpa function, on exactly the positions written so
+far and with the step's own mask. Every other kernel is the one the eager layer launches on
+the same shapes, and the tokens are transformers' own, bit for bit.
+
+Prefills run eagerly into the same buffers. Slots are reused by later lanes of the same batch
+size, and with them their captured pieces. Where the device cannot capture (CPU, MPS) a slot
+runs its steps eagerly. Pure model math: no communication.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, DynamicCache
+
+log = logging.getLogger("torch_pp")
+
+# Families whose decoder layers touch the cache only through ``update`` and attend to
+# every earlier position (no sliding window), which is what a slot provides.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION = "torch_pp_pieces"  # the attention a stage with slots runs (see ``install``)
+_capturing: list["Slot"] = []  # the slot whose step is being captured, if any
+
+
+def unsupported(config) -> str | None:
+    """Why this model's stages cannot use slots and graphs, or None if they can."""
+    if config.model_type not in FAMILIES:
+        return f"captured decode steps cover {', '.join(FAMILIES)}, not {config.model_type}"
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION):
+        return f"captured decode steps need sdpa attention, not {config._attn_implementation}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "captured decode steps need full attention in every layer (this model has a sliding window)"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "captured decode steps need full attention in every layer"
+    return None
+
+
+def install(config) -> None:
+    """Make the layers built from ``config`` attend through ``_attention``: transformers' sdpa,
+    except while a step is being captured, when it cuts the step into pieces."""
+    AttentionInterface.register(ATTENTION, _attention)
+    config._attn_implementation = ATTENTION
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    if _capturing:
+        return _capturing[-1].cut(module, query, key, value, kwargs)
+    return AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def slot_bytes(config, *, layers: int, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of one slot's keys and values."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * layers * batch * kv_heads * max_len * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class StaticKV:
+    """One lane's keys and values for a stage's layers, ``max_len`` positions each.
+
+    HF decoder layers write it through ``update`` as they would a ``DynamicCache``
+    (``update(key, value, layer_idx, ...)``, any further arguments ignored).
+    """
+
+    def __init__(self, *, batch: int, max_len: int, device: torch.device) -> None:
+        self.batch, self.max_len = batch, max_len
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # a captured step's position
+        self.captured = False  # True: write at ``index``, return the whole buffers (the attention slices)
+        self.length = 0  # eager: positions written before this forward
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key, value: [B, kv_heads, S, head_dim]
+        if layer_idx not in self.keys:
+            self.keys[layer_idx] = key.new_zeros(self.batch, key.shape[1], self.max_len, key.shape[3])
+            self.values[layer_idx] = value.new_zeros(self.batch, value.shape[1], self.max_len, value.shape[3])
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.captured:
+            k.index_copy_(2, self.index, key)
+            v.index_copy_(2, self.index, value)
+            return k, v
+        end = self.length + key.shape[2]
+        k[:, :, self.length:end] = key
+        v[:, :, self.length:end] = value
+        return k[:, :, :end], v[:, :, :end]  # what a dynamic cache would hold: the same attention
+
+    def to_dynamic(self, length: int, config) -> DynamicCache:
+        """The first ``length`` positions as a ``DynamicCache`` (a lane outgrowing its slot)."""
+        cache = DynamicCache(config=config)
+        for idx in sorted(self.keys):
+            cache.update(self.keys[idx][:, :, :length].clone(), self.values[idx][:, :, :length].clone(), idx)
+        return cache
+
+
+class _Cut:
+    """One layer's attention between two captured pieces: run eagerly at each replay."""
+
+    def __init__(self, module, query, key, value, kwargs, out) -> None:
+        self.module, self.query, self.key, self.value, self.kwargs, self.out = module, query, key, value, kwargs, out
+
+    def run(self, length: int, mask) -> None:
+        attn = AttentionInterface._global_mapping["sdpa"]
+        out, _ = attn(self.module, self.query, self.key[:, :, :length], self.value[:, :, :length], mask, **self.kwargs)
+        self.out.copy_(out)
+
+
+class Slot:
+    """A ``StaticKV`` and its decode step, captured in pieces on first use where ``capture``.
+
+    Args:
+        layers: Global layer index -> decoder layer, the stage's layers in order (built from a
+            config given to ``install``).
+        cache_kw: The keyword the layers take their cache under.
+        batch: Sequences in the lanes this slot serves.
+        max_len: Positions per sequence.
+        device: Where the layers run.
+        capture: Capture decode steps (CUDA only); False runs every step eagerly.
+        pool: The CUDA graph memory pool shared by one stage's graphs.
+    """
+
+    def __init__(self, layers: dict[int, nn.Module], *, cache_kw: str, batch: int, max_len: int,
+                 device: torch.device, capture: bool, pool=None) -> None:
+        self.layers, self.cache_kw, self.device = layers, cache_kw, device
+        self.kv = StaticKV(batch=batch, max_len=max_len, device=device)
+        self.capture, self.pool = capture, pool
+        self.pieces: list[torch.cuda.CUDAGraph] = []  # captured: pieces[i], cuts[i], ..., pieces[-1]
+        self.cuts: list[_Cut] = []
+        self.signature = None  # what the captured pieces' inputs were made for
+        self.inputs: tuple[torch.Tensor, dict] | None = None  # static hidden state and layer arguments
+        self.out: torch.Tensor | None = None
+        self._open: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.pieces)
+
+    def run(self, layers_run: Callable[[StaticKV], torch.Tensor], past_len: int) -> torch.Tensor:
+        """Run ``layers_run(cache)`` eagerly, writing positions from ``past_len`` on."""
+        self.kv.captured, self.kv.length = False, past_len
+        return layers_run(self.kv)
+
+    def step(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> torch.Tensor | None:
+        """One decode step ([B, 1, H] -> [B, 1, H]) at position ``past_len`` from captured pieces;
+        None where it is not captured (the caller runs it eagerly)."""
+        if not self.capture:
+            return None
+        signature = _signature(hidden, kwargs)
+        if signature is None:
+            return None
+        if signature != self.signature:
+            self._capture(hidden, kwargs, past_len, signature)
+            if not self.captured:
+                return None
+        static_hidden, static_kwargs = self.inputs
+        static_hidden.copy_(hidden)
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and name != "attention_mask":
+                static_kwargs[name].copy_(value)
+            elif isinstance(value, tuple):
+                for static, given in zip(static_kwargs[name], value):
+                    static.copy_(given)
+        self.kv.index.fill_(past_len)
+        mask = kwargs.get("attention_mask")
+        for piece, cut in zip(self.pieces, self.cuts):
+            piece.replay()
+            cut.run(past_len + 1, mask)
+        self.pieces[-1].replay()
+        return self.out.clone()
+
+    def cut(self, module, query, key, value, kwargs) -> tuple[torch.Tensor, None]:
+        """While capturing: end the open piece at this attention, and open the next."""
+        self._open.capture_end()
+        self.pieces.append(self._open)
+        # [B, S, heads, head_dim], as transformers' attention functions return it
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
+        self.cuts.append(_Cut(module, query, key, value, kwargs, out))
+        self._open = torch.cuda.CUDAGraph()
+        self._open.capture_begin(pool=self.pool)
+        return out, None
+
+    def _layers(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        for layer in self.layers.values():
+            out = layer(hidden, **kwargs, **{self.cache_kw: self.kv})
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def _capture(self, hidden: torch.Tensor, kwargs: dict, past_len: int, signature) -> None:
+        self.pieces, self.cuts, self.signature = [], [], signature
+        static_kwargs = {name: value.clone() if isinstance(value, torch.Tensor) else
+                         tuple(v.clone() for v in value) if isinstance(value, tuple) else value
+                         for name, value in kwargs.items() if name != "attention_mask"}
+        static_kwargs["attention_mask"] = None  # the mask is only read by the cuts, given at each replay
+        self.inputs = (hidden.clone(), static_kwargs)
+        # Warm up on a side stream first (cuBLAS workspaces, lazy allocations), as CUDA graphs require.
+        # It computes this very step, eagerly, so its cache writes are the real ones.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.run(lambda kv: self._layers(hidden, kwargs), past_len)
+            self.kv.captured = True
+            self._open = torch.cuda.CUDAGraph()
+            _capturing.append(self)
+            try:
+                self._open.capture_begin(pool=self.pool)
+                self.out = self._layers(*self.inputs)
+                self._open.capture_end()
+                self.pieces.append(self._open)
+            except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured runs eagerly
+                log.warning("decode steps run eagerly: capturing one failed (%s)", exc)
+                try:
+                    self._open.capture_end()
+                except RuntimeError:
+                    pass
+                self.pieces, self.cuts, self.capture = [], [], False
+            finally:
+                _capturing.pop()
+                self._open = None
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+
+def _signature(hidden: torch.Tensor, kwargs: dict):
+    """Shapes, dtypes and plain values of a step's graph inputs, or None if one cannot be one."""
+    parts = [(tuple(hidden.shape), hidden.dtype)]
+    for name, value in sorted(kwargs.items()):
+        if name == "attention_mask":
+            continue  # read by the cuts at each replay, not by the pieces
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape), value.dtype))
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            parts.append((name, tuple((tuple(v.shape), v.dtype) for v in value)))
+        elif isinstance(value, (bool, int, float, str, type(None))):
+            parts.append((name, value))
+        else:
+            return None
+    return tuple(parts)
