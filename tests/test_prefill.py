@@ -22,3 +22,15 @@ def test_chunked_prefill_equals_unchunked(tiny_models, tmp_path, stages, arch):
     for size in (3, 7, 16):
         assert report[str(size)]["stage1_forwards"] == math.ceil(40 / size)
     assert report["None"]["stage1_forwards"] == 1  # 40 tokens: below the default minimum chunk
+
+
+def test_default_chunk_sends_short_prompts_whole():
+    """About four chunks per stage, at least the device's minimum each; a prompt under two minimum
+    chunks goes whole (a short second chunk costs a message and overlaps little)."""
+    from torch_pp.prefill import default_chunk
+
+    assert default_chunk(1430, 2, smallest=1024) == 1430  # accelerator: whole
+    assert default_chunk(8192, 2, smallest=1024) == 1024
+    assert default_chunk(100, 2, smallest=64) == 100  # CPU: whole
+    assert default_chunk(1040, 2, smallest=64) == 130
+    assert default_chunk(200, 3, smallest=64) == 64
