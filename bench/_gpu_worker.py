@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -25,6 +26,7 @@ from _common import serve_turns  # noqa: E402
 KIND, MODEL = sys.argv[1], sys.argv[2]
 SPECS = json.loads(os.environ["BENCH_SPECS"])  # every spec this run will ask for, to warm them all
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a smoke test of the report itself
+START = json.loads(os.environ.get("BENCH_START") or "{}")  # more start() options for torch_pp
 VOCAB_LOW = 1000
 
 
@@ -40,8 +42,19 @@ def sync() -> None:
 
 
 def measure(model, device, spec: dict) -> dict:
-    """One timed run. ``decode``: one stream of ``new`` tokens (TTFT and decode tok/s); ``ttft``: a
+    """One timed run, or with ``reps`` the median of that many back to back (each field's own
+    median). ``decode``: one stream of ``new`` tokens (TTFT and decode tok/s); ``ttft``: a
     ``len``-token prompt's first token; ``batch``: ``batch`` sequences of ``new`` greedy tokens."""
+    runs = [measure_once(model, device, spec) for _ in range(spec.get("reps", 1))]
+    out = dict(runs[-1])
+    for field in ("wall_s", "ttft_s", "decode_tokens_per_s", "tokens_per_s"):
+        values = [r[field] for r in runs if r.get(field) is not None]
+        if values:
+            out[field] = statistics.median(values)
+    return out
+
+
+def measure_once(model, device, spec: dict) -> dict:
     from torch_pp.generate import TokenTimer
 
     kw = dict(do_sample=False, pad_token_id=0)
@@ -80,7 +93,7 @@ def main() -> None:
         import torch_pp
 
         pipe = torch_pp.start(MODEL, dtype="bfloat16", device=DEVICE, progress=False,
-                              graphs=False if KIND == "pipeline-eager" else None)
+                              **{"graphs": False if KIND == "pipeline-eager" else None, **START})
         if not pipe.is_driver:
             return
         model, device = pipe.model, pipe.device

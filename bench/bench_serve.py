@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import statistics
 import subprocess
@@ -108,6 +109,11 @@ def load(url: str, clients: int, requests: int, new: int) -> dict:
     return {"tokens_per_s": sum(t for _, t in results) / wall, "ttfts": [x for ttfts, _ in results for x in ttfts]}
 
 
+def note(line: str) -> None:
+    """Progress on stderr, so that a run cut short still shows what it measured."""
+    print(f"bench_serve: {line}", file=sys.stderr, flush=True)
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -135,8 +141,10 @@ def main() -> None:
     try:
         for name, stages in (("pipeline", args.stages), ("one_process", 1)):  # one at a time: loading is heavy
             servers[name] = start_server(args.model, stages, args)
+            note(f"{name} server up ({stages} stage{'s' if stages > 1 else ''})")
         for _, url in servers.values():  # warm-up: every server once at the largest load
             load(url, max(args.clients), 1, args.new)
+        note("warmed")
         figures = {}
         for clients in args.clients:
             runs = {name: [] for name in servers}
@@ -148,6 +156,7 @@ def main() -> None:
                 figures[f"{name}/{clients}"] = {
                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                     "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95)}
+            note(f"{clients} clients: " + json.dumps({k: v for k, v in figures.items() if k.endswith(f"/{clients}")}))
     finally:
         for proc, _ in servers.values():
             stop_server(proc)

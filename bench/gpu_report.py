@@ -89,15 +89,19 @@ def write_model(shape: str, path: Path, device: str) -> Path:
 
 
 def specs(args) -> dict[str, dict]:
+    # Short runs repeat back to back within a turn (``reps``, the worker reports medians): one
+    # prefill of 60 ms or one batch of 0.1 s varied by 10% from run to run on 2x H200.
     out = {"decode": {"what": "decode", "len": 32, "new": args.new_tokens}}
     for length in (args.long, args.xlong):
-        out[f"ttft{length}"] = {"len": length, "new": 1}
-        out[f"ttft{length}_unchunked"] = {"len": length, "new": 1, "chunk": 0}
-        out[f"ttft{length}_chunked"] = {"len": length, "new": 1, "chunk": max(64, length // 8)}
-        out[f"ttft{length}_chunk1024"] = {"len": length, "new": 1, "chunk": 1024}
-    out["batch8"] = {"len": 32, "batch": 8, "new": args.new_tokens}
-    out["batch8_lanes1"] = {"len": 32, "batch": 8, "new": args.new_tokens, "lanes": 1}
-    out["batch8_lanes2"] = {"len": 32, "batch": 8, "new": args.new_tokens, "lanes": 2}
+        ttft = {"len": length, "new": 1, "reps": args.reps}
+        out[f"ttft{length}"] = ttft
+        out[f"ttft{length}_unchunked"] = {**ttft, "chunk": 0}
+        out[f"ttft{length}_chunked"] = {**ttft, "chunk": max(64, length // 4)}  # finer than 1024 at 1430 tokens, coarser at 8192
+        out[f"ttft{length}_chunk1024"] = {**ttft, "chunk": 1024}
+    batch = {"len": 32, "batch": 8, "new": args.new_tokens, "reps": args.reps}
+    out["batch8"] = batch
+    out["batch8_lanes1"] = {**batch, "lanes": 1}
+    out["batch8_lanes2"] = {**batch, "lanes": 2}
     return out
 
 
@@ -121,7 +125,7 @@ def summarize(args, model, names, plan, runs, finals) -> dict:
                 field = {"decode": "decode_tokens_per_s"}.get(key, "tokens_per_s" if key.startswith("batch") else "wall_s")
                 fig[key] = med(name, key, field)
                 result["runs"][name][key] = [x.get(field) for x in runs[name][key]]  # in round order
-        if "decode" in runs[name]:
+        if runs[name].get("decode"):
             fig["decode_ttft_s"] = med(name, "decode", "ttft_s")
         if name in finals:
             result["memory"][name] = finals[name].get("peak_memory_bytes") or [s["peak_memory_bytes"] for s in finals[name]["stages"]]
@@ -130,7 +134,7 @@ def summarize(args, model, names, plan, runs, finals) -> dict:
                               for k in ("communication_share", "per_boundary_ms", "per_step_ms_by_stage", "stages")}
     for i, a in enumerate(names):  # greedy tokens, every pair of contenders
         for b in names[i + 1:]:
-            for key in ("decode", "batch8"):
+            for key in (k for k in ("decode", "batch8") if k in plan):
                 result["same_tokens"][f"{a}/{b}/{key}"] = all(
                     x["tokens"] == y["tokens"] for x, y in zip(runs[a][key], runs[b][key]))
     if "torch_pp" in names:
@@ -142,7 +146,7 @@ def summarize(args, model, names, plan, runs, finals) -> dict:
         for other in (n for n in names if n != "torch_pp"):
             # Each round's runs share the machine's moment: ratios per round, then their median.
             ratios = [p["decode_tokens_per_s"] / h["decode_tokens_per_s"]
-                      for h, p in zip(runs[other]["decode"], runs["torch_pp"]["decode"])]
+                      for h, p in zip(runs[other].get("decode", []), runs["torch_pp"].get("decode", []))]
             if ratios:
                 result["figures"]["torch_pp"]["decode_ratio_over_" + other] = statistics.median(ratios)
     return result
@@ -154,16 +158,22 @@ def main() -> None:
     ap.add_argument("--model", help="an HF model folder instead of a random one")
     ap.add_argument("--workdir", default="/tmp/torch_pp_gpu_report", help="where the random model is written")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="back-to-back repetitions of each prefill and batch run per turn")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--long", type=int, default=1430)
     ap.add_argument("--xlong", type=int, default=8192)
     ap.add_argument("--contenders", default="hf,accelerate,torch_pp")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the report (with --shape tiny)")
+    ap.add_argument("--figures", help="only these figures, comma-separated (default: all)")
+    ap.add_argument("--start", default="{}", help="more torch_pp.start() options for the torch_pp contenders, as JSON "
+                                                  "(e.g. '{\"layers\": \"0:12,12:32\"}')")
     ap.add_argument("--json", help="also write the JSON result here")
     args = ap.parse_args()
 
     model = Path(args.model) if args.model else write_model(args.shape, Path(args.workdir) / args.shape, args.device)
     plan = specs(args)
+    if args.figures:
+        plan = {k: v for k, v in plan.items() if k in args.figures.split(",")}
     names = args.contenders.split(",")
     shared = [s for k, s in plan.items() if not k.endswith(ONLY_PIPELINE)]
     cmds = {
@@ -175,8 +185,8 @@ def main() -> None:
     workers = {}
     for name in names:  # one at a time: loading three models at once would measure the disk
         cmd, warm = cmds[name]
-        workers[name] = TurnWorker(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_SPECS": json.dumps(warm),
-                                         "BENCH_DEVICE": args.device})
+        workers[name] = TurnWorker(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_SPECS": json.dumps([w for w in warm if w in plan.values()]),
+                                         "BENCH_DEVICE": args.device, "BENCH_START": args.start})
     runs: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in plan} for n in names}
     for r in range(args.rounds):
         # The figures in a new order each round, as well as the contenders: a run can pay for the

@@ -38,14 +38,16 @@ def test_slots_give_transformers_tokens_and_spill_past_the_context(tiny_models, 
     ref = _reference(tiny_models[arch])
     ids = torch.tensor([[1, 5, 9, 33, 7], [0, 0, 1, 8, 4]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    with torch_pp.local_pipeline(tiny_models[arch], stages=3, progress=False, graphs=True, context=48, dtype="float32") as pipe:
-        # a left-padded batch: the shipped padding mask is extended over the slot
+    with torch_pp.local_pipeline(tiny_models[arch], stages=3, progress=False, graphs=True, context=48, dtype="float32",
+                                 prefill_chunk=3) as pipe:
+        # a left-padded batch, prefilled in two chunks: the padding mask is extended over the slots
         assert torch.equal(_greedy(pipe.model, ids, 30, mask), _greedy(ref, ids, 30, mask))
-        batch = pipe.stats()[1:]
+        batch = pipe.stats()
         # one stream of 5 + 60 tokens outgrows its 48 positions and continues in a dynamic cache
         assert torch.equal(_greedy(pipe.model, ids[:1], 60), _greedy(ref, ids[:1], 60))
-        stages = pipe.stats()[1:]
-    for before, after in zip(batch, stages):
+        stages = pipe.stats()
+    assert len(stages) == 3
+    for before, after in zip(batch, stages):  # rank 0's own layers as well as the other stages'
         assert before["graphs"] == ("on" if CAPTURED else "eager")
         assert before[STEPS] == 29 and before["eager_steps"] == 0, before  # every decode step of the batch in its slot
         assert after[STEPS] - before[STEPS] == 48 - 5, after  # positions 5..47 in the slot
@@ -60,7 +62,7 @@ def test_slots_are_reused_and_lanes_get_their_own(tiny_models):
     with torch_pp.local_pipeline(tiny_models["llama"], stages=2, progress=False, graphs=True, context=64, dtype="float32") as pipe:
         for p, want in zip(prompts, alone):  # one after another: one slot serves them all
             assert torch.equal(_greedy(pipe.model, p, 12), want)
-        assert pipe.stats()[1]["slots"] == 1
+        assert [s["slots"] for s in pipe.stats()] == [1, 1]  # rank 0's own layers' slot too
         got: dict[int, torch.Tensor] = {}
 
         def run(i):
@@ -71,11 +73,12 @@ def test_slots_are_reused_and_lanes_get_their_own(tiny_models):
             t.start()
         for t in threads:
             t.join(timeout=120)
-        stage = pipe.stats()[1]
+        stages = pipe.stats()
     for i, want in enumerate(alone):
         assert torch.equal(got[i], want), f"request {i} differs when run beside the others"
-    assert 2 <= stage["slots"] <= 4, stage  # concurrent lanes never share a slot
-    assert stage[STEPS] == 8 * 11 and stage["eager_steps"] == 0, stage
+    for stage in stages:
+        assert 2 <= stage["slots"] <= 4, stage  # concurrent lanes never share a slot
+        assert stage[STEPS] == 8 * 11 and stage["eager_steps"] == 0, stage
 
 
 def test_hidden_states_of_a_slot_lane_equal_transformers(tiny_models):
@@ -84,6 +87,8 @@ def test_hidden_states_of_a_slot_lane_equal_transformers(tiny_models):
     with torch_pp.local_pipeline(tiny_models["qwen3"], stages=2, progress=False, graphs=True, dtype="float32") as pipe:
         out = pipe.model.generate(ids.to(pipe.model.device), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                   output_hidden_states=True, return_dict_in_generate=True)
+        # rank 0's decode steps ran in its slot (replayed on CUDA): each layer's own output still recorded
+        assert pipe.stats()[0][STEPS] == 3
     want = ref.generate(ids.to(ref.device), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                         output_hidden_states=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences.cpu(), want.sequences.cpu())
@@ -95,10 +100,27 @@ def test_hidden_states_of_a_slot_lane_equal_transformers(tiny_models):
 def test_the_default_follows_the_device(tiny_models):
     with torch_pp.local_pipeline(tiny_models["llama"], stages=2, progress=False) as pipe:
         pipe.model.generate(torch.tensor([[1, 5, 9]]).to(pipe.model.device), max_new_tokens=3, do_sample=False)
-        stage = pipe.stats()[1]
-    assert stage["graphs"] == ("on" if CAPTURED else "off"), stage
-    if CAPTURED:
-        assert stage["graph_steps"] == 2, stage
+        stages = pipe.stats()
+    for stage in stages:
+        assert stage["graphs"] == ("on" if CAPTURED else "off"), stage
+        if CAPTURED:
+            assert stage["graph_steps"] == 2, stage
+
+
+def test_a_single_stage_runs_every_layer_in_its_slots(tiny_models):
+    ref = _reference(tiny_models["llama"])
+    ids = torch.tensor([[1, 5, 9, 33, 7], [0, 0, 1, 8, 4]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch_pp.local_pipeline(tiny_models["llama"], stages=1, progress=False, graphs=True, dtype="float32") as pipe:
+        assert torch.equal(_greedy(pipe.model, ids, 20, mask), _greedy(ref, ids, 20, mask))
+        # a cache given back continues in the same slot
+        first = pipe.model(ids[:1].to(pipe.model.device), use_cache=True)
+        step = pipe.model(torch.tensor([[11]], device=pipe.model.device), past_key_values=first.past_key_values)
+        want = ref(torch.cat([ids[:1], torch.tensor([[11]])], dim=1).to(ref.device)).logits[:, -1]
+        assert torch.allclose(step.logits[:, -1].cpu(), want.cpu(), atol=1e-5)
+        (stage,) = pipe.stats()
+    assert stage["graphs"] == ("on" if CAPTURED else "eager"), stage
+    assert stage[STEPS] == 19 + 1 and stage["eager_steps"] == 0 and stage["slots"] == 2, stage
 
 
 def test_a_family_that_cannot_use_slots_is_refused_only_when_asked(tiny_models):

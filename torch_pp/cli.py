@@ -32,8 +32,8 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=4096, help="tokens the KV cache is sized for when placing layers")
     p.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the stages' decode steps as CUDA graphs over caches preallocated for --context "
-                        "tokens (default: on for CUDA stages of the models that allow it)")
+                   help="capture every stage's decode steps (rank 0's own layers too) as CUDA graphs over caches "
+                        "preallocated for --context tokens (default: on for CUDA stages of the models that allow it)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

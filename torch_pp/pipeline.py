@@ -24,7 +24,10 @@ from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memo
                       pick_dtype)
 from .generate import guard_generate
 from .model import graphs
+from . import archs
 from .model.loading import LoadedStage, load_stage, model_fingerprint
+from .model.local import LocalLayers
+from .model.stage import RemoteLayer, layer_arguments
 from .model.quant import check_supported as check_quantize
 from .placement.config import read_config
 from .options import OptionsError, StartOptions
@@ -76,8 +79,8 @@ class Pipeline:
         return self.transport.rank == 0
 
     def describe(self) -> dict:
-        """This rank's figures: rank, host, layers, device, dtype, weight bytes, peak memory, and on
-        ranks > 0 how its decode steps ran (``StageRunner.figures``)."""
+        """This rank's figures: rank, host, layers, device, dtype, weight bytes, peak memory, and how
+        its own layers' decode steps ran (``StageRunner.figures``; ``graphs`` alone where off)."""
         start, end = self.plan.ranges[self.rank]
         return {
             "rank": self.rank,
@@ -87,7 +90,8 @@ class Pipeline:
             "dtype": dtype_name(self.dtype),
             "weight_bytes": self.stage.weight_bytes,
             "peak_memory_bytes": peak_memory_bytes(self.device),
-            **(self.stage.runner.figures() if self.stage.runner is not None else {}),
+            **(self.stage.runner.figures() if self.stage.runner is not None else
+               self.stage.local.figures() if self.stage.local is not None else {"graphs": "off"}),
         }
 
     def stats(self, *, spans_since: float | None = None) -> list[dict]:
@@ -164,8 +168,9 @@ def start(
         quantize: ``"int8"`` or ``"int4"``: each stage quantizes its decoder layers' linear weights as it
             reads them (weight-only: int8 per output channel, int4 per 32 inputs); embeddings and
             the LM head stay in ``dtype``.
-        graphs: Decode steps of the stages after the first as captured CUDA graphs, over KV caches
-            preallocated for ``context`` tokens per sequence (see ``model.graphs``). None: on for CUDA
+        graphs: Every stage's decode steps, rank 0's own layers included, as captured CUDA graphs over
+            KV caches preallocated for ``context`` tokens per sequence (see ``model.graphs`` and
+            ``model.local``). None: on for CUDA
             stages of the families that allow it; True: required (on a CPU or Mac the same steps
             run eagerly); False: off.
         transport: An existing transport to reuse; default: join torchrun's group (or run alone).
@@ -263,15 +268,25 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
 
 
 def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dtype):
-    """Ranks > 0: preallocated caches and captured decode steps, where ``o.graphs`` asks and the model allows."""
-    if stage.runner is None or o.graphs is False:
+    """Every rank: preallocated caches and captured decode steps for its own layers, where ``o.graphs``
+    asks and the model allows (rank 0: ``model.local``; the others: their ``StageRunner``)."""
+    if o.graphs is False:
         return stage
-    reason = graphs.unsupported(stage.runner.config)
+    reason = graphs.unsupported(stage.model.config)
     if reason is not None and o.graphs:
         raise OptionsError(f"graphs=True: {reason}; leave graphs unset or False")
-    if reason is None and (o.graphs or device.type == "cuda"):
-        stage.runner.use_slots(max_len=o.context, device=device, dtype=dtype, capture=device.type == "cuda",
-                               room=lambda size: memory_available(device) - size >= DEFAULT_RESERVE)
+    if reason is not None or not (o.graphs or device.type == "cuda"):
+        return stage
+    slots = dict(max_len=o.context, device=device, dtype=dtype, capture=device.type == "cuda",
+                 room=lambda size: memory_available(device) - size >= DEFAULT_RESERVE)
+    if stage.runner is not None:
+        stage.runner.use_slots(**slots)
+        return stage
+    layers = archs.LAYOUT.layer_list(stage.model)
+    own = {i: layers[i] for i in range(len(layers)) if not isinstance(layers[i], RemoteLayer)}
+    if own:
+        stage.local = LocalLayers(own, stage.model.config, accepts=layer_arguments(layers[0]))
+        stage.local.use_slots(**slots)
     return stage
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
 
 log = logging.getLogger("torch_pp")
 
@@ -34,6 +35,12 @@ log = logging.getLogger("torch_pp")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION = "torch_pp_pieces"  # the attention a stage with slots runs (see ``install``)
 _capturing: list["Slot"] = []  # the slot whose step is being captured, if any
+# Rank 0 captures in whichever thread runs a lane or a request, while other threads of the
+# process may copy to and from the device (a caller moving its input ids, say). CUDA's default
+# (global) capture mode fails the capture on such a copy in any thread (2x H200: cuBLAS
+# "execution failed" mid-capture); the thread-local mode checks only the capturing thread.
+# Device work from torch_pp's own threads waits for rank 0's device turn, held while capturing.
+CAPTURE_MODE = "thread_local"
 
 
 def unsupported(config) -> str | None:
@@ -53,6 +60,8 @@ def install(config) -> None:
     """Make the layers built from ``config`` attend through ``_attention``: transformers' sdpa,
     except while a step is being captured, when it cuts the step into pieces."""
     AttentionInterface.register(ATTENTION, _attention)
+    # Rank 0 builds the masks from the same config: sdpa's, or transformers would build none.
+    AttentionMaskInterface.register(ATTENTION, AttentionMaskInterface._global_mapping["sdpa"])
     config._attn_implementation = ATTENTION
 
 
@@ -123,8 +132,8 @@ class Slot:
     """A ``StaticKV`` and its decode step, captured in pieces on first use where ``capture``.
 
     Args:
-        layers: Global layer index -> decoder layer, the stage's layers in order (built from a
-            config given to ``install``).
+        layers: Global layer index -> decoder layer (or its forward), the stage's layers in order
+            (built from a config given to ``install``).
         cache_kw: The keyword the layers take their cache under.
         batch: Sequences in the lanes this slot serves.
         max_len: Positions per sequence.
@@ -142,7 +151,7 @@ class Slot:
         self.cuts: list[_Cut] = []
         self.signature = None  # what the captured pieces' inputs were made for
         self.inputs: tuple[torch.Tensor, dict] | None = None  # static hidden state and layer arguments
-        self.out: torch.Tensor | None = None
+        self.outs: list[torch.Tensor] = []  # each layer's output, as the last replay left it
         self._open: torch.cuda.CUDAGraph | None = None
 
     @property
@@ -157,15 +166,20 @@ class Slot:
     def step(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> torch.Tensor | None:
         """One decode step ([B, 1, H] -> [B, 1, H]) at position ``past_len`` from captured pieces;
         None where it is not captured (the caller runs it eagerly)."""
+        return self.outs[-1].clone() if self.replay(hidden, kwargs, past_len) else None
+
+    def replay(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> bool:
+        """Run one decode step at position ``past_len`` from captured pieces, leaving each layer's
+        output in ``outs`` (overwritten by the next replay); False where it is not captured."""
         if not self.capture:
-            return None
+            return False
         signature = _signature(hidden, kwargs)
         if signature is None:
-            return None
+            return False
         if signature != self.signature:
             self._capture(hidden, kwargs, past_len, signature)
             if not self.captured:
-                return None
+                return False
         static_hidden, static_kwargs = self.inputs
         static_hidden.copy_(hidden)
         for name, value in kwargs.items():
@@ -180,7 +194,7 @@ class Slot:
             piece.replay()
             cut.run(past_len + 1, mask)
         self.pieces[-1].replay()
-        return self.out.clone()
+        return True
 
     def cut(self, module, query, key, value, kwargs) -> tuple[torch.Tensor, None]:
         """While capturing: end the open piece at this attention, and open the next."""
@@ -190,14 +204,16 @@ class Slot:
         out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
         self.cuts.append(_Cut(module, query, key, value, kwargs, out))
         self._open = torch.cuda.CUDAGraph()
-        self._open.capture_begin(pool=self.pool)
+        self._open.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_MODE)
         return out, None
 
-    def _layers(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def _layers(self, hidden: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
+        outs = []
         for layer in self.layers.values():
             out = layer(hidden, **kwargs, **{self.cache_kw: self.kv})
             hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+            outs.append(hidden)
+        return outs
 
     def _capture(self, hidden: torch.Tensor, kwargs: dict, past_len: int, signature) -> None:
         self.pieces, self.cuts, self.signature = [], [], signature
@@ -216,8 +232,8 @@ class Slot:
             self._open = torch.cuda.CUDAGraph()
             _capturing.append(self)
             try:
-                self._open.capture_begin(pool=self.pool)
-                self.out = self._layers(*self.inputs)
+                self._open.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_MODE)
+                self.outs = self._layers(*self.inputs)
                 self._open.capture_end()
                 self.pieces.append(self._open)
             except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured runs eagerly

@@ -30,6 +30,7 @@ from .. import archs
 from ..devices import max_buffer_bytes, return_freed_memory
 from ..dtypes import SAFETENSORS, to_torch
 from ..placement.plan import StagePlan
+from .local import LocalLayers
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 from ..errors import ModelFolderError
 from ..placement.config import INDEX_FILE, SINGLE_FILE, read_config
@@ -86,12 +87,14 @@ class LoadedStage:
         span: On rank 0 with several stages, the placeholder span for the remote layers.
         runner: On ranks > 0, the runner for this stage's layers.
         weight_bytes: Bytes of parameters this rank holds.
+        local: On rank 0 with slots, its own layers' slots (see ``model.local``; set by ``pipeline``).
     """
 
     model: PreTrainedModel
     span: RemoteSpan | None
     runner: StageRunner | None
     weight_bytes: int
+    local: "LocalLayers | None" = None
 
 
 def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:

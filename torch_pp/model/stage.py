@@ -38,7 +38,7 @@ def cache_keyword(layer: nn.Module) -> str:
 
     transformers renamed ``past_key_values`` to ``cache`` (5.24); both are supported.
     """
-    params = inspect.signature(layer.forward).parameters
+    params = inspect.signature(getattr(layer, "forward", layer)).parameters  # a module or its bound forward
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -129,7 +129,7 @@ class RemoteSpan:
         if layer_idx == self.layer_indices.start:
             st.pending = {}
             st.past_len = cache.get_seq_length(layer_idx) if use_cache else 0
-            st.sentinels = _sentinel_layers(cache, self.layer_indices) if use_cache else set()
+            st.sentinels = sentinel_layers(cache, self.layer_indices) if use_cache else set()
             st.lane = self.lane_of(cache) if use_cache else 0
         if use_cache:
             if not isinstance(cache, DynamicCache):
@@ -138,12 +138,8 @@ class RemoteSpan:
                     "leave cache_implementation unset"
                 )
             if layer_idx in st.sentinels:
-                # The real keys and values live on the owning stage. Rank 0 keeps a one-wide
-                # stand-in (zero-wide would count as empty) in the layers whose lengths HF
-                # reads to size masks, so those stay right.
-                batch, q_len = hidden.shape[0], hidden.shape[1]
-                stand_in = hidden.new_zeros(batch, 1, q_len, 1)
-                cache.update(stand_in, stand_in, layer_idx)
+                # The real keys and values live on the owning stage.
+                stand_in(cache, layer_idx, hidden)
         st.pending[layer_idx] = {k: v for k, v in kwargs.items()
                                  if k not in CACHE_KWARGS and (self.accepts is None or k in self.accepts)}
         if layer_idx != self.layer_indices.stop - 1:
@@ -160,15 +156,24 @@ class RemoteSpan:
         return out
 
 
-def _sentinel_layers(cache: DynamicCache, remote: range) -> set[int]:
-    """Remote layers whose cache lengths HF reads: the span's first layer (our own
-    bookkeeping) and the first full-attention and first sliding-window layer (mask sizing)."""
-    found = {remote.start}
+def sentinel_layers(cache: DynamicCache, elsewhere: range) -> set[int]:
+    """Layers among ``elsewhere`` (whose keys and values rank 0's cache does not hold) whose cache
+    lengths HF reads: the span's first layer (our own bookkeeping) and the first full-attention
+    and first sliding-window layer (mask sizing)."""
+    found = {elsewhere.start}
     is_sliding = list(getattr(cache, "is_sliding", []))
     for kind in (False, True):
-        if kind in is_sliding and is_sliding.index(kind) in remote:
+        if kind in is_sliding and is_sliding.index(kind) in elsewhere:
             found.add(is_sliding.index(kind))
     return found
+
+
+def stand_in(cache: DynamicCache, layer_idx: int, hidden: torch.Tensor) -> None:
+    """Grow layer ``layer_idx`` of rank 0's ``cache`` by ``hidden``'s positions with a one-wide stand-in
+    (zero-wide would count as empty), so the lengths HF reads from it stay right."""
+    batch, q_len = hidden.shape[0], hidden.shape[1]
+    filler = hidden.new_zeros(batch, 1, q_len, 1)
+    cache.update(filler, filler, layer_idx)
 
 
 class RemoteLayer(nn.Module):
@@ -233,8 +238,7 @@ class StageRunner:
                 lane that finds no room runs with a dynamic cache.
         """
         self.slots, self._slot_len, self._room = {}, max_len, room
-        if capture:
-            graphs.install(self.config)
+        graphs.install(self.config)  # captured or not: the same attention and masks everywhere
         self._slot_args = {"cache_kw": self.cache_kw, "max_len": max_len, "device": device, "capture": capture,
                            "pool": torch.cuda.graph_pool_handle() if capture else None}
         self._slot_dtype = dtype
@@ -246,34 +250,47 @@ class StageRunner:
 
         With ``collect``, returns ``(hidden, [each owned layer's output, [B, S, H]...])``.
         """
-        cache = None
-        if use_cache:
-            if past_len == 0:
-                self.free(lane)
-                self.caches[lane] = (self._new_cache(hidden.shape[0], hidden.shape[1]), 0)
-            cache, seen = self.caches.get(lane, (None, -1))
-            if cache is None or seen != past_len:
-                raise StageError(
-                    f"KV cache of lane {lane} out of step: this stage holds {max(seen, 0)} tokens, rank 0 expects {past_len}. "
-                    "Beam search, assisted decoding, cache cropping and copied caches are not supported"
-                )
-            if isinstance(cache, graphs.Slot) and past_len + hidden.shape[1] > self._slot_len:
-                cache = self._spill(lane, cache, past_len)
+        cache = self.lane_cache(lane, hidden, past_len) if use_cache else None
         if isinstance(cache, graphs.Slot):
             shared = next(iter(layer_kwargs.values()))
             out = None
             if hidden.shape[1] == 1 and not collect and all(kw is shared for kw in layer_kwargs.values()):
                 out = cache.step(hidden, shared, past_len)
-            if hidden.shape[1] == 1:
-                self._steps["graph_steps" if out is not None else "slot_steps"] += 1
+            self.count(hidden, cache, replayed=out is not None)
             hidden, states = (out, []) if out is not None else cache.run(
                 lambda kv: self._layers(hidden, layer_kwargs, kv, collect=collect), past_len)
         else:
-            self._steps["eager_steps"] += hidden.shape[1] == 1
+            self.count(hidden, cache, replayed=False)
             hidden, states = self._layers(hidden, layer_kwargs, cache, collect=collect)
         if use_cache:
-            self.caches[lane] = (self.caches[lane][0], past_len + hidden.shape[1])
+            self.advance(lane, hidden.shape[1])
         return (hidden, states) if collect else hidden
+
+    def lane_cache(self, lane: int, hidden: torch.Tensor, past_len: int) -> "DynamicCache | graphs.Slot":
+        """The KV cache ``lane`` runs ``hidden`` [B, S, H] in from position ``past_len``: a new one
+        at 0, checked to hold exactly ``past_len`` tokens, moved out of a slot it would outgrow."""
+        if past_len == 0:
+            self.free(lane)
+            self.caches[lane] = (self._new_cache(hidden.shape[0], hidden.shape[1]), 0)
+        cache, seen = self.caches.get(lane, (None, -1))
+        if cache is None or seen != past_len:
+            raise StageError(
+                f"KV cache of lane {lane} out of step: this stage holds {max(seen, 0)} tokens, rank 0 expects {past_len}. "
+                "Beam search, assisted decoding, cache cropping and copied caches are not supported"
+            )
+        if isinstance(cache, graphs.Slot) and past_len + hidden.shape[1] > self._slot_len:
+            cache = self._spill(lane, cache, past_len)
+        return cache
+
+    def advance(self, lane: int, tokens: int) -> None:
+        """``lane``'s cache took ``tokens`` more positions."""
+        cache, seen = self.caches[lane]
+        self.caches[lane] = (cache, seen + tokens)
+
+    def count(self, hidden: torch.Tensor, cache, *, replayed: bool) -> None:
+        """Count a decode step (one position) by how it ran (see ``figures``)."""
+        if hidden.shape[1] == 1:
+            self._steps["graph_steps" if replayed else "slot_steps" if isinstance(cache, graphs.Slot) else "eager_steps"] += 1
 
     def figures(self) -> dict:
         """How this stage's decode steps ran: ``graphs`` (on, eager slots, or off), slots made, and

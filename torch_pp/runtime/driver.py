@@ -132,8 +132,8 @@ class Driver:
             collect: Also return every remote layer's output: ``(hidden, [[B, S, H], ...])``.
         """
         self._check_lost()
+        busy = self._pause_busy()  # waits for rank 0's queued device work: not the stages' time
         start = time.perf_counter()
-        busy = self._pause_busy()
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
         meta.update(reply=reply, keep=keep, lane=lane, collect=collect)
         tensors = to_host(tensors)  # device work, while this thread still has the turn

@@ -1,0 +1,127 @@
+"""Rank 0's own decoder layers over slots: their decode steps replayed as CUDA graphs too.
+
+Rank 0 runs the model's own Hugging Face forward, and with it the decoder layers it owns. On
+an accelerator those layers' eager launches are most of a decode step (2x H200, 8B shape:
+rank 0 computed 11.3 ms per token for 14 layers and the LM head while stage 1 replayed its 18
+layers in 4.3 ms), and a second lane could only wait for them.
+
+Each local layer's ``forward`` is wrapped in place (the modules, their parameter names and
+hooks stay as they are). The first local layer of a forward finds the lane of the KV cache
+object HF passes (each cache object its own lane, as for the remote layers) and that lane's
+``graphs.Slot`` in a ``StageRunner`` of rank 0's layers; a decode step is then replayed from
+the slot's captured pieces at the first layer, and every local layer returns a copy of its own
+output from that replay (so hooks that record hidden states see each layer's real output).
+Other forwards (prefills, steps that cannot be captured) run each layer eagerly on the slot's
+keys and values. HF's own cache keeps a one-wide stand-in in the layers whose lengths it reads,
+as it does for the remote layers. Pure model math: no communication.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import itertools
+import threading
+import weakref
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..errors import StageError
+from . import graphs
+from .stage import CACHE_KWARGS, StageRunner, sentinel_layers, stand_in
+
+
+class LocalLayers:
+    """On rank 0: its decoder layers' keys and values in slots, their decode steps captured.
+
+    Args:
+        layers: Global layer index -> decoder layer, rank 0's layers (contiguous, from layer 0).
+        config: The model config.
+        accepts: The keyword arguments the layers consume (see ``stage.layer_arguments``); the
+            others never reach a captured step.
+    """
+
+    def __init__(self, layers: dict[int, nn.Module], config, *, accepts: frozenset[str] | None) -> None:
+        self.indices = range(min(layers), max(layers) + 1)
+        self.order = {idx: pos for pos, idx in enumerate(layers)}
+        self.forwards = {idx: layer.forward for idx, layer in layers.items()}  # each layer's own, unwrapped
+        self.runner = StageRunner(self.forwards, config)
+        self.accepts = accepts
+        self.positional = {idx: _positional(layer) for idx, layer in layers.items()}
+        self._lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lane_ids = itertools.count(1)
+        self.freed: collections.deque[int] = collections.deque()  # appended by finalizers, in any thread
+        self._local = threading.local()  # per thread: the forward in progress
+
+    def use_slots(self, **options) -> None:
+        """Give each lane a slot and wrap the layers' forwards (see ``StageRunner.use_slots``)."""
+        self.runner.use_slots(**options)
+        for idx, forward in self.forwards.items():
+            forward.__self__.forward = functools.partial(self._forward, idx)
+
+    def figures(self) -> dict:
+        """How rank 0's own decode steps ran (see ``StageRunner.figures``)."""
+        return self.runner.figures()
+
+    def _lane(self, cache: DynamicCache) -> int:
+        lane = self._lanes.get(cache)
+        if lane is None:
+            lane = self._lanes[cache] = next(self._lane_ids)
+            weakref.finalize(cache, self.freed.append, lane)
+        return lane
+
+    def _forward(self, idx: int, hidden: torch.Tensor, *args, **kwargs):
+        if len(args) > len(self.positional[idx]):
+            raise StageError(f"decoder layer {idx} was given {len(args)} positional arguments after the hidden state; "
+                             f"it takes {len(self.positional[idx])}")
+        kwargs.update(zip(self.positional[idx], args))
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        st = self._local
+        if not isinstance(cache, DynamicCache) or kwargs.get("use_cache", True) is False:
+            return self.forwards[idx](hidden, **kwargs)  # no cache to keep: the layer as it is
+        if idx == self.indices.start:
+            self._begin(st, cache, hidden, kwargs)
+        elif getattr(st, "lane", None) is None:
+            raise StageError(f"decoder layer {idx} ran without layer {self.indices.start} before it")
+        if st.replayed:
+            if any(kwargs.get(k) is not v for k, v in st.shared.items()):
+                raise StageError(f"decoder layer {idx} was given other arguments than layer {self.indices.start}: "
+                                 "its decode step cannot be replayed; start with graphs=False")
+            out = st.kv.outs[self.order[idx]].clone()
+        else:
+            layer_kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+            out = self.forwards[idx](hidden, **layer_kwargs, **{self.runner.cache_kw: st.cache})
+        if idx == self.indices.stop - 1:
+            self.runner.advance(st.lane, hidden.shape[1])
+            st.lane = None
+        return out
+
+    def _begin(self, st, cache: DynamicCache, hidden: torch.Tensor, kwargs: dict) -> None:
+        """At the first local layer: the lane, its slot, and a replay of the whole step if it can be one."""
+        while self.freed:  # caches gone since the last forward (the caller holds rank 0's device turn)
+            self.runner.free(self.freed.popleft())
+        past_len = cache.get_seq_length(self.indices.start)
+        for idx in sentinel_layers(cache, self.indices):
+            stand_in(cache, idx, hidden)
+        st.lane = self._lane(cache)
+        kv = self.runner.lane_cache(st.lane, hidden, past_len)
+        st.replayed, st.kv = False, kv
+        if isinstance(kv, graphs.Slot):
+            st.shared = {k: v for k, v in kwargs.items()
+                         if k not in CACHE_KWARGS and (self.accepts is None or k in self.accepts)}
+            st.replayed = hidden.shape[1] == 1 and kv.replay(hidden, st.shared, past_len)
+            kv.kv.captured, kv.kv.length = False, past_len  # eager layers write from past_len on
+            st.cache = kv.kv
+        else:
+            st.cache = kv
+        self.runner.count(hidden, kv, replayed=st.replayed)
+
+
+def _positional(layer: nn.Module) -> tuple[str, ...]:
+    """The layer's positional parameter names after the hidden state (some families pass the mask so)."""
+    params = [n for n, p in inspect.signature(layer.forward).parameters.items()
+              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return tuple(params[1:])
