@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -57,6 +58,36 @@ def test_device_turn_lets_one_thread_work_and_waits_give_it_up():
     assert len(log) == 80 and max(log) == 1, "two threads were inside at once"
     with turn.given_up():  # without the turn it is a no-op
         pass
+
+
+def _counted(notify, i, wakes, n=1):
+    wakes.append(i)
+    notify(n)
+
+
+def test_device_turn_goes_to_waiters_in_arrival_order_and_wakes_only_the_next():
+    turn, order = DeviceTurn(), []
+
+    def worker(i):
+        with turn.held():
+            order.append(i)
+
+    wakes = []
+    with turn.held():
+        threads = []
+        for i in range(6):  # each queued before the next arrives
+            threads.append(threading.Thread(target=worker, args=(i,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while len(turn._queue) < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        # record which waiting thread each release wakes: only the next one may be, once
+        for i, waiting in enumerate(list(turn._queue)):
+            waiting.notify = functools.partial(_counted, waiting.notify, i, wakes)
+    for t in threads:
+        t.join(timeout=10)
+    assert order == list(range(6))
+    assert wakes == list(range(6)), wakes  # each release woke exactly the next waiter
 
 
 def test_machines_are_told_apart_by_id_and_hostname():

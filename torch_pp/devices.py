@@ -279,29 +279,37 @@ class DeviceTurn:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._queue: collections.deque[object] = collections.deque()  # threads waiting, in arrival order
+        self._lock = threading.Lock()
+        # Threads waiting, in arrival order, each on its own condition: a release wakes only the
+        # next one (a server's many waiting requests would all wake, and take the GIL, at every token).
+        self._queue: collections.deque[threading.Condition] = collections.deque()
         self._held = False
         self._local = threading.local()
 
     def _acquire(self) -> None:
-        me = object()
-        with self._cond:
+        with self._lock:
+            if not self._held and not self._queue:
+                self._held = True
+                return
+            me = threading.Condition(self._lock)
             self._queue.append(me)
             try:
                 while self._held or self._queue[0] is not me:
-                    self._cond.wait()
+                    me.wait()
             except BaseException:  # an interrupt while waiting: leave the queue, or it would stall
+                first = self._queue[0] is me
                 self._queue.remove(me)
-                self._cond.notify_all()
+                if first and not self._held and self._queue:
+                    self._queue[0].notify()
                 raise
             self._queue.popleft()
             self._held = True
 
     def _release(self) -> None:
-        with self._cond:
+        with self._lock:
             self._held = False
-            self._cond.notify_all()
+            if self._queue:
+                self._queue[0].notify()
 
     @contextlib.contextmanager
     def held(self):
