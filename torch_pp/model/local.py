@@ -18,12 +18,8 @@ as it does for the remote layers. Pure model math: no communication.
 
 from __future__ import annotations
 
-import collections
 import functools
-import inspect
-import itertools
 import threading
-import weakref
 
 import torch
 from torch import nn
@@ -31,7 +27,7 @@ from transformers import DynamicCache
 
 from ..errors import StageError
 from . import graphs
-from .stage import CACHE_KWARGS, StageRunner, sentinel_layers, stand_in
+from .stage import CACHE_KWARGS, CacheLanes, StageRunner, positional_names, sentinel_layers, stand_in
 
 
 class LocalLayers:
@@ -50,10 +46,8 @@ class LocalLayers:
         self.forwards = {idx: layer.forward for idx, layer in layers.items()}  # each layer's own, unwrapped
         self.runner = StageRunner(self.forwards, config)
         self.accepts = accepts
-        self.positional = {idx: _positional(layer) for idx, layer in layers.items()}
-        self._lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._lane_ids = itertools.count(1)
-        self.freed: collections.deque[int] = collections.deque()  # appended by finalizers, in any thread
+        self.positional = {idx: positional_names(layer) for idx, layer in layers.items()}
+        self._lanes = CacheLanes()  # each cache object its own lane, as for the remote layers
         self._local = threading.local()  # per thread: the forward in progress
 
     def use_slots(self, **options) -> None:
@@ -65,13 +59,6 @@ class LocalLayers:
     def figures(self) -> dict:
         """How rank 0's own decode steps ran (see ``StageRunner.figures``)."""
         return self.runner.figures()
-
-    def _lane(self, cache: DynamicCache) -> int:
-        lane = self._lanes.get(cache)
-        if lane is None:
-            lane = self._lanes[cache] = next(self._lane_ids)
-            weakref.finalize(cache, self.freed.append, lane)
-        return lane
 
     def _forward(self, idx: int, hidden: torch.Tensor, *args, **kwargs):
         if len(args) > len(self.positional[idx]):
@@ -101,12 +88,12 @@ class LocalLayers:
 
     def _begin(self, st, cache: DynamicCache, hidden: torch.Tensor, kwargs: dict) -> None:
         """At the first local layer: the lane, its slot, and a replay of the whole step if it can be one."""
-        while self.freed:  # caches gone since the last forward (the caller holds rank 0's device turn)
-            self.runner.free(self.freed.popleft())
+        while self._lanes.freed:  # caches gone since the last forward (the caller holds rank 0's device turn)
+            self.runner.free(self._lanes.freed.popleft())
         past_len = cache.get_seq_length(self.indices.start)
         for idx in sentinel_layers(cache, self.indices):
             stand_in(cache, idx, hidden)
-        st.lane = self._lane(cache)
+        st.lane = self._lanes.lane_of(cache)
         kv = self.runner.lane_cache(st.lane, hidden, past_len)
         st.replayed, st.kv = False, kv
         if isinstance(kv, graphs.Slot):
@@ -119,9 +106,3 @@ class LocalLayers:
             st.cache = kv
         self.runner.count(hidden, kv, replayed=st.replayed)
 
-
-def _positional(layer: nn.Module) -> tuple[str, ...]:
-    """The layer's positional parameter names after the hidden state (some families pass the mask so)."""
-    params = [n for n, p in inspect.signature(layer.forward).parameters.items()
-              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    return tuple(params[1:])

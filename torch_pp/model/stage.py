@@ -62,6 +62,33 @@ def layer_arguments(layer: nn.Module) -> frozenset[str] | None:
     return frozenset(names - {"hidden_states", *CACHE_KWARGS})
 
 
+class CacheLanes:
+    """Lane ids of rank-0 KV cache objects: a new one for each object on first sight; when an object
+    is garbage-collected its id is queued in ``freed`` (appended by finalizers, in any thread)."""
+
+    def __init__(self) -> None:
+        self.freed: collections.deque[int] = collections.deque()
+        self._lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._ids = itertools.count(1)  # lane 0: forwards without a cache
+        self._lock = threading.Lock()
+
+    def lane_of(self, cache) -> int:
+        with self._lock:
+            lane = self._lanes.get(cache)
+            if lane is None:
+                lane = self._lanes[cache] = next(self._ids)
+                weakref.finalize(cache, self.freed.append, lane)
+        return lane
+
+
+def positional_names(layer: nn.Module) -> tuple[str, ...]:
+    """A decoder layer's positional parameter names after the hidden state (some families pass
+    the mask and the like positionally)."""
+    params = [n for n, p in inspect.signature(layer.forward).parameters.items()
+              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return tuple(params[1:])
+
+
 class RemoteSpan:
     """On rank 0: collects the arguments of the layers other ranks own, then runs them remotely.
 
@@ -81,10 +108,8 @@ class RemoteSpan:
         self.layer_indices = layer_indices
         self.accepts = accepts
         self.runner: Runner | None = None
-        self.freed: collections.deque[int] = collections.deque()  # appended by finalizers, in any thread
-        self._lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._lane_ids = itertools.count(1)  # lane 0: forwards without a cache
-        self._lane_lock = threading.Lock()
+        self._lanes = CacheLanes()
+        self.freed = self._lanes.freed
         # Per thread: several threads may run forwards at once.
         self._local = threading.local()
 
@@ -114,12 +139,7 @@ class RemoteSpan:
 
     def lane_of(self, cache) -> int:
         """The lane of a rank-0 KV cache object (a new one on first sight)."""
-        with self._lane_lock:
-            lane = self._lanes.get(cache)
-            if lane is None:
-                lane = self._lanes[cache] = next(self._lane_ids)
-                weakref.finalize(cache, self.freed.append, lane)
-        return lane
+        return self._lanes.lane_of(cache)
 
     def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
@@ -191,9 +211,7 @@ class RemoteLayer(nn.Module):
     @classmethod
     def replacing(cls, layer: nn.Module, layer_idx: int, span: RemoteSpan) -> "RemoteLayer":
         """The placeholder for ``layer``, taking its arguments the way ``layer`` does."""
-        params = [n for n, p in inspect.signature(layer.forward).parameters.items()
-                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        return cls(layer_idx, span, getattr(layer, "attention_type", None), tuple(params[1:]))
+        return cls(layer_idx, span, getattr(layer, "attention_type", None), positional_names(layer))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if len(args) > len(self.positional):
