@@ -170,9 +170,8 @@ def start(
             the LM head stay in ``dtype``.
         graphs: Every stage's decode steps, rank 0's own layers included, as captured CUDA graphs over
             KV caches preallocated for ``context`` tokens per sequence (see ``model.graphs`` and
-            ``model.local``). None: on for CUDA
-            stages of the families that allow it; True: required (on a CPU or Mac the same steps
-            run eagerly); False: off.
+            ``model.local``). None: on for CUDA stages of the families that allow it; True: required
+            (on a CPU or Mac the same steps run eagerly); False: off.
         transport: An existing transport to reuse; default: join torchrun's group (or run alone).
 
     Returns:
