@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +32,17 @@ def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
     """``python -m torch.distributed.run`` of ``script`` with ``nproc`` ranks on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
+
+
+def gloo_floor(stages: int, work_ms: float, *, rounds: int = 60) -> float:
+    """Milliseconds per ring hop over bare Gloo (nothing of torch_pp's) when each rank works
+    ``work_ms`` between hops, as a decoding pipeline's stages do (a process that slept longer
+    wakes slower): the machine's floor under torch_pp's own cost per boundary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "floor.json")
+        subprocess.run(torchrun_cmd(stages, Path(__file__).parent / "_gloo_floor.py", work_ms, rounds, out),
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(Path(out).read_text())["per_hop_ms"]
 
 
 def load_tokenizer(model_dir):

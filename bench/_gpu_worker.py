@@ -27,6 +27,7 @@ KIND, MODEL = sys.argv[1], sys.argv[2]
 SPECS = json.loads(os.environ["BENCH_SPECS"])  # every spec this run will ask for, to warm them all
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a smoke test of the report itself
 START = json.loads(os.environ.get("BENCH_START") or "{}")  # more start() options for torch_pp
+DTYPE = os.environ.get("BENCH_DTYPE", "bfloat16")  # float32 for a CPU's figures (bf16 is slow there)
 VOCAB_LOW = 1000
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     if KIND.startswith("pipeline"):
         import torch_pp
 
-        pipe = torch_pp.start(MODEL, dtype="bfloat16", device=DEVICE, progress=False,
+        pipe = torch_pp.start(MODEL, dtype=DTYPE, device=DEVICE, progress=False,
                               **{"graphs": False if KIND == "pipeline-eager" else None, **START})
         if not pipe.is_driver:
             return
@@ -101,7 +102,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         placement = {"device_map": "balanced"} if KIND == "balanced" else {}
-        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16, **placement).eval()
+        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=getattr(torch, DTYPE), **placement).eval()
         device = torch.device("cuda:0" if DEVICE == "cuda" else DEVICE)
         if KIND == "hf":
             model = model.to(device)

@@ -13,16 +13,13 @@ stages do (on a VM a sleeping process wakes slowly: the longer it slept, the slo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import TurnWorker, dump, median_of, print_table, torchrun_cmd  # noqa: E402
+from _common import TurnWorker, dump, gloo_floor, median_of, print_table, torchrun_cmd  # noqa: E402
 from bench_decode import PROMPT  # noqa: E402
 
 from torch_pp.net.link import SimulatedLink  # noqa: E402
@@ -39,15 +36,6 @@ def run_pipeline(model_dir: str, stages: int, link: str | None, new_tokens: int,
     worker = TurnWorker(torchrun_cmd(stages, HERE / "_pipeline_worker.py", model_dir, PROMPT, new_tokens), env)
     runs = [worker.ask("run") for _ in range(reps)]
     return {**worker.close(), "ttft_s": median_of(runs, "ttft_s"), "decode_tokens_per_s": median_of(runs, "decode_tokens_per_s")}
-
-
-def gloo_floor(stages: int, work_ms: float) -> float:
-    """Milliseconds per ring hop over raw Gloo when each rank works ``work_ms`` between hops."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "floor.json")
-        subprocess.run(torchrun_cmd(stages, HERE / "_gloo_floor.py", work_ms, 60, out), env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return json.loads(Path(out).read_text())["per_hop_ms"]
 
 
 def main() -> None:

@@ -19,7 +19,9 @@ Each contender first runs every measurement once (every KV length warmed: cuDNN 
 attention kernel per new length). Figures: decode tokens/s (one stream), time to first token
 (1430- and 8192-token prompts; torch_pp unchunked, chunked and by default), a greedy batch of 8
 (torch_pp by default, ``lanes=1`` and ``lanes=2``), peak memory per GPU/stage, and, on one decode
-stream, torch_pp's communication share, own cost per stage boundary and each stage's time per step.
+stream, torch_pp's communication share, cost per stage boundary (split into the bare Gloo hop on
+this machine, measured with each rank working as long as a stage's step, and torch_pp's own) and
+each stage's time per step.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import TurnWorker, dump, print_table, torchrun_cmd  # noqa: E402
+from _common import TurnWorker, dump, gloo_floor, print_table, torchrun_cmd  # noqa: E402
 
 SHAPES = {  # model_type, config
     "tiny": ("llama", dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -163,7 +165,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=1430)
     ap.add_argument("--xlong", type=int, default=8192)
     ap.add_argument("--contenders", default="hf,accelerate,torch_pp")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the report (with --shape tiny)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu for a CPU's figures (with --dtype float32) or a smoke test")
+    ap.add_argument("--dtype", default="bfloat16", help="the contenders' dtype (the random model is written in bf16)")
     ap.add_argument("--figures", help="only these figures, comma-separated (default: all)")
     ap.add_argument("--start", default="{}", help="more torch_pp.start() options for the torch_pp contenders, as JSON "
                                                   "(e.g. '{\"layers\": \"0:12,12:32\"}')")
@@ -186,7 +189,8 @@ def main() -> None:
     for name in names:  # one at a time: loading three models at once would measure the disk
         cmd, warm = cmds[name]
         workers[name] = TurnWorker(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_SPECS": json.dumps(warm),
-                                         "BENCH_DEVICE": args.device, "BENCH_START": args.start})
+                                         "BENCH_DEVICE": args.device, "BENCH_START": args.start,
+                                         "BENCH_DTYPE": args.dtype})
     runs: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in plan} for n in names}
     for r in range(args.rounds):
         # The figures in a new order each round, as well as the contenders: a run can pay for the
@@ -205,6 +209,13 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(summarize(args, model, names, plan, runs, {}), indent=1))
     finals = {name: w.close() for name, w in workers.items()}
     result = summarize(args, model, names, plan, runs, finals)
+    if "torch_pp" in result:
+        # The bare Gloo hop on this machine, each rank working as long as a stage's decode step:
+        # the floor under the per-boundary cost; the rest is torch_pp's own.
+        tp = result["torch_pp"]
+        work = statistics.mean(s["compute"] for s in tp["per_step_ms_by_stage"])
+        tp["gloo_floor_ms"] = gloo_floor(2, work, rounds=300)
+        tp["own_per_boundary_ms"] = tp["per_boundary_ms"] - tp["gloo_floor_ms"]
     dump(result, args.json)
 
     print()
@@ -218,8 +229,9 @@ def main() -> None:
     print_table(rows, ["figure", "unit", *names])
     if "torch_pp" in result:
         tp = result["torch_pp"]
-        print(f"\ntorch_pp, one decode stream: communication share {100 * tp['communication_share']:.1f}%, own cost per stage boundary "
-              f"{tp['per_boundary_ms']:.2f} ms; per decode step by stage (ms): {tp['per_step_ms_by_stage']}; decode ratios: " +
+        print(f"\ntorch_pp, one decode stream: communication share {100 * tp['communication_share']:.1f}%, per stage boundary "
+              f"{tp['per_boundary_ms']:.2f} ms: the bare Gloo hop {tp['gloo_floor_ms']:.2f} ms, torch_pp's own "
+              f"{tp['own_per_boundary_ms']:.2f} ms; per decode step by stage (ms): {tp['per_step_ms_by_stage']}; decode ratios: " +
               ", ".join(f"over {k.split('_over_')[1]} {v:.3f}" for k, v in f["torch_pp"].items() if k.startswith("decode_ratio")))
 
 

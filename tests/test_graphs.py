@@ -7,6 +7,7 @@ check the captured graphs themselves.
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -119,6 +120,9 @@ def test_a_single_stage_runs_every_layer_in_its_slots(tiny_models):
         want = ref(torch.cat([ids[:1], torch.tensor([[11]])], dim=1).to(ref.device)).logits[:, -1]
         assert torch.allclose(step.logits[:, -1].cpu(), want.cpu(), atol=1e-5)
         (stage,) = pipe.stats()
+        # a copied cache has no slot behind it: refused, naming rank 0's layers
+        with pytest.raises(torch_pp.StageError, match=r"rank 0's own layers 0:4: .*out of step"):
+            pipe.model(torch.tensor([[11]], device=pipe.model.device), past_key_values=copy.deepcopy(first.past_key_values))
     assert stage["graphs"] == ("on" if CAPTURED else "eager"), stage
     assert stage[STEPS] == 19 + 1 and stage["eager_steps"] == 0 and stage["slots"] == 2, stage
 

@@ -1,11 +1,13 @@
 """Message framing, pure and over real Gloo processes."""
 
 import json
+import threading
 
 import pytest
 import torch
 
-from conftest import WORKERS, torchrun
+from conftest import TEST_DEVICE, WORKERS, torchrun
+from torch_pp.devices import Inbox, Outbox
 from torch_pp.net import wire
 from torch_pp.net.wire import Message, Op
 
@@ -37,6 +39,71 @@ def test_pack_unpack_round_trip(frame_bytes, inline):
     assert msg.op == Op.FORWARD and msg.meta == {"a": [1, 2], "b": "x"}
     for a, b in zip(tensors, msg.tensors):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", sorted({"meta", TEST_DEVICE} - {"cpu"}))
+def test_a_stage_places_small_messages_in_kept_buffers(device):
+    """A decode step's tensors reach the device in one copy, into the buffer kept for their layout
+    (values checked on a real device, TORCH_PP_TEST_DEVICE; on the meta device the bookkeeping)."""
+    inbox = Inbox(torch.device(device), keep=2)
+
+    def received(seed: int, rows: int = 1) -> Message:
+        g = torch.Generator().manual_seed(seed)
+        tensors = [torch.randn(rows, 1, 64, generator=g).to(torch.bfloat16), torch.tensor([seed]),
+                   torch.randn(1, 1, 8, generator=g), torch.tensor([[True]])]
+        return wire.unpack(*wire.pack(Message(Op.FORWARD, {}, tensors)))
+
+    def storages(tensors):
+        return {t.untyped_storage()._cdata for t in tensors}
+
+    first = received(1)
+    with torch.inference_mode():  # buffers made in one mode are written in another
+        placed = inbox.place(first)
+    assert first._tensors is None  # no CPU views of the payload made on the way
+    assert [(t.device.type, t.dtype, t.shape) for t in placed] == [(device, t.dtype, t.shape) for t in first.tensors]
+    assert len(storages(placed)) == 1  # one copy, one buffer
+    second = received(2)
+    again = inbox.place(second)
+    assert storages(again) == storages(placed)  # the same layout: the same buffer, its views made once
+    if device != "meta":
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(again, second.tensors))
+    wider = received(3, rows=2)
+    assert storages(inbox.place(wider)) != storages(placed)  # another layout, another buffer
+    widest = received(4, rows=3)
+    inbox.place(widest)
+    assert len(inbox._layouts) == 2  # the least recently used layout dropped
+    # a large message (a prefill chunk) is copied tensor by tensor, as it comes
+    big = wire.unpack(*wire.pack(Message(Op.FORWARD, {}, [torch.zeros(inbox.max_bytes), torch.tensor([1])])))
+    moved = inbox.place(big)
+    assert len(storages(moved)) == 2 and len(inbox._layouts) == 2
+
+
+@pytest.mark.skipif(TEST_DEVICE == "cpu", reason="copies out of an accelerator: TORCH_PP_TEST_DEVICE=cuda or mps")
+def test_rank_0_sends_small_tensors_in_one_copy_per_thread():
+    """The counterpart on rank 0: a step's small device tensors come to the CPU in one copy, into
+    host buffers kept per layout and per thread (lanes send at once)."""
+    device = torch.device(TEST_DEVICE)
+    outbox = Outbox(device)
+
+    def step(seed: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return [t.to(device) for t in (torch.randn(1, 1, 64, generator=g).to(torch.bfloat16), torch.tensor([seed]),
+                                       torch.randn(2, 8, generator=g).t(), torch.tensor([[True]]))]
+
+    with torch.inference_mode():  # generate() runs so, a direct forward may not: both write the kept buffers
+        first = step(1)
+        out = outbox.stage(first)
+    assert all(o.device.type == "cpu" and torch.equal(o, t.cpu()) for o, t in zip(out, first))
+    assert len({o.untyped_storage()._cdata for o in out}) == 1
+    again = outbox.stage(step(2))  # the same layout: the same host buffer, new values (grad mode on)
+    assert {o.untyped_storage()._cdata for o in again} == {o.untyped_storage()._cdata for o in out}
+    assert all(torch.equal(o, t.cpu()) for o, t in zip(again, step(2)))
+    other = {}
+    thread = threading.Thread(target=lambda: other.setdefault("out", outbox.stage(step(3))))
+    thread.start()
+    thread.join(timeout=30)
+    assert {o.untyped_storage()._cdata for o in other["out"]}.isdisjoint({o.untyped_storage()._cdata for o in out})
+    assert all(torch.equal(o, t.cpu()) for o, t in zip(again, step(2)))  # this thread's views untouched
 
 
 def test_header_checks():

@@ -94,7 +94,10 @@ class LocalLayers:
         for idx in sentinel_layers(cache, self.indices):
             stand_in(cache, idx, hidden)
         st.lane = self._lanes.lane_of(cache)
-        kv = self.runner.lane_cache(st.lane, hidden, past_len)
+        try:
+            kv = self.runner.lane_cache(st.lane, hidden, past_len)
+        except StageError as exc:  # refused before anything is sent: say where
+            raise StageError(f"rank 0's own layers {self.indices.start}:{self.indices.stop}: {exc}") from None
         st.replayed, st.kv = False, kv
         if isinstance(kv, graphs.Slot):
             st.shared = {k: v for k, v in kwargs.items()

@@ -68,6 +68,33 @@ class Message:
     tensors: list[torch.Tensor] = field(default_factory=list)
 
 
+class Received(Message):
+    """A received message. Its tensors are CPU views into the payload, made on first use: a stage
+    that only copies them to its device never needs them (see ``devices.Inbox``).
+
+    Attributes:
+        data: The payload's tensor bytes (CPU, uint8).
+        layout: Each tensor's ``(dtype, shape, offset into data, bytes)``.
+    """
+
+    def __init__(self, op: Op, meta: dict, data: torch.Tensor, layout: tuple) -> None:
+        self._tensors = None
+        super().__init__(op=op, meta=meta, tensors=None)
+        self.data, self.layout = data, layout
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        if self._tensors is None:
+            buffer = self.data.numpy()  # one view for all the tensors; each keeps the buffer alive
+            self._tensors = [torch.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=off).view(shape)
+                             if nbytes else torch.empty(shape, dtype=dtype) for dtype, shape, off, nbytes in self.layout]
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, value: list[torch.Tensor] | None) -> None:
+        self._tensors = value
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -130,18 +157,11 @@ def read_header(frame: torch.Tensor, *, expected_sender: int) -> tuple[int, bool
     return int(total), bool(inline)
 
 
-def unpack(frame: torch.Tensor, rest: torch.Tensor | None = None) -> Message:
+def unpack(frame: torch.Tensor, rest: torch.Tensor | None = None) -> Received:
     """Rebuild a message from its frame (and the separate payload, if any); tensors are views into them."""
     _magic, _proto, op, meta_len, total, _seq, _sender, inline = _header(frame)
     payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else rest
     doc = json.loads(ctypes.string_at(payload.data_ptr(), meta_len))
     data_start = _aligned(meta_len)
-    buffer = payload.numpy()  # one view for all the tensors; each keeps the buffer alive
-    tensors = []
-    for name, shape, off, nbytes in doc["t"]:
-        dtype = _DTYPES[name]
-        if nbytes:
-            tensors.append(torch.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=data_start + off).view(shape))
-        else:
-            tensors.append(torch.empty(shape, dtype=dtype))
-    return Message(op=Op(op), meta=doc["m"], tensors=tensors)
+    layout = tuple((_DTYPES[name], tuple(shape), off, nbytes) for name, shape, off, nbytes in doc["t"])
+    return Received(Op(op), doc["m"], payload[data_start:], layout)

@@ -7,7 +7,9 @@ dicts that are identical share one template. Pure functions, no communication.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 
 import torch
 
@@ -43,20 +45,36 @@ def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int
     templates: list[str] = []
     key_to_template: dict[tuple, int] = {}
     layer_template: dict[str, int] = {}
+    previous, template = None, -1
     for idx, kwargs in layer_kwargs.items():
-        key = tuple((k, type(v), v) if isinstance(v, _SCALARS) else (k, tuple(map(id, v)) if isinstance(v, tuple) else id(v))
-                    for k, v in kwargs.items())
-        if key not in key_to_template:
-            key_to_template[key] = len(templates)
-            templates.append(json.dumps({k: enc(k, v) for k, v in sorted(kwargs.items())}, separators=(",", ":")))
-        layer_template[str(idx)] = key_to_template[key]
+        # The usual case first, and the cheap test: the very objects the layer before was given.
+        if previous is None or not _same(kwargs, previous):
+            key = tuple((k, type(v), v) if isinstance(v, _SCALARS) else (k, tuple(map(id, v)) if isinstance(v, tuple) else id(v))
+                        for k, v in kwargs.items())
+            if key not in key_to_template:
+                key_to_template[key] = len(templates)
+                templates.append(json.dumps({k: enc(k, v) for k, v in sorted(kwargs.items())}, separators=(",", ":")))
+            previous, template = kwargs, key_to_template[key]
+        layer_template[str(idx)] = template
     meta = {"past_len": past_len, "use_cache": use_cache, "templates": templates, "layers": layer_template}
     return meta, tensors
 
 
+def _same(kwargs: dict, other: dict) -> bool:
+    """Whether two layers' arguments are the very same objects (C-level checks: this runs per layer)."""
+    return kwargs.keys() == other.keys() and all(map(operator.is_, kwargs.values(), other.values()))
+
+
+@functools.lru_cache(maxsize=64)
+def _template(doc: str) -> dict:
+    """A parsed template (read only): every decode step sends the same few."""
+    return json.loads(doc)
+
+
 def decode(meta: dict, tensors: list[torch.Tensor], *, device: torch.device) -> tuple[torch.Tensor, dict[int, dict], int, bool]:
     """Inverse of ``encode``: ``(hidden, layer_kwargs, past_len, use_cache)`` with tensors on ``device``."""
-    # Blocking copies: non_blocking host->MPS copies can corrupt data.
+    # Blocking copies: non_blocking host->MPS copies can corrupt data (a stage's come placed already:
+    # see ``devices.Inbox``).
     moved = tensors if device.type == "cpu" else [t.to(device) for t in tensors]
 
     def dec(value: dict):
@@ -66,6 +84,6 @@ def decode(meta: dict, tensors: list[torch.Tensor], *, device: torch.device) -> 
             return tuple(moved[s] for s in value["tt"])
         return value["v"]
 
-    built = [{k: dec(v) for k, v in json.loads(doc).items()} for doc in meta["templates"]]
+    built = [{k: dec(v) for k, v in _template(doc).items()} for doc in meta["templates"]]
     layer_kwargs = {int(idx): built[ti] for idx, ti in meta["layers"].items()}
     return moved[0], layer_kwargs, int(meta["past_len"]), bool(meta["use_cache"])

@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import activations
-from ..devices import DeviceTurn, stamp, to_host
+from ..devices import DeviceTurn, Outbox, stamp
 from ..trace import Tracer, now
 from ..net.link import Link
 from ..net.wire import Message, Op
@@ -85,6 +85,7 @@ class Driver:
         self.remote_s = 0.0  # wall time waiting for the other stages (their compute + the wire)
         self.calls = 0
         self.tracer = Tracer()
+        self.outbox = Outbox(device)
         self.freed = freed if freed is not None else collections.deque()
         self._local = threading.local()  # per thread: start of rank 0's current compute stretch
         self._send_lock = threading.Lock()
@@ -136,7 +137,7 @@ class Driver:
         start = time.perf_counter()
         meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
         meta.update(reply=reply, keep=keep, lane=lane, collect=collect)
-        tensors = to_host(tensors)  # device work, while this thread still has the turn
+        tensors = self.outbox.stage(tensors)  # device work, while this thread still has the turn
         if not reply:
             with self.turn.given_up():
                 self._send(Message(Op.FORWARD, meta, tensors))

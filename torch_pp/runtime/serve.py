@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from . import activations
-from ..devices import stamp
+from ..devices import Inbox, stamp
 from ..errors import PipelineError
 from ..model.stage import StageRunner
 from ..trace import Tracer, now
@@ -40,6 +40,7 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
     busy = {"compute_s": 0.0, "forwards": 0}
     tracer = Tracer()
     failed: dict[int, str] = {}  # lane -> a streamed chunk's failure, reported with that lane's next reply
+    inbox = Inbox(device)
     while True:
         t_wait = now()
         msg = transport.recv(src=prev)
@@ -56,7 +57,8 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
             if error is None:
                 start = time.perf_counter()
                 try:
-                    hidden, layer_kwargs, past_len, use_cache = activations.decode(meta, msg.tensors, device=device)
+                    hidden, layer_kwargs, past_len, use_cache = activations.decode(
+                        meta, inbox.place(msg), device=device)
                     out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane, collect=collect)
                 except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
                     log.debug("rank %d failed:\n%s", rank, traceback.format_exc())
