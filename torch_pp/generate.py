@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .devices import DeviceTurn
+from .devices.turn import DeviceTurn
 from .runtime.lanes import split_generate
 from .options import check_generation_args
 from .errors import UnsupportedGenerationError
@@ -64,7 +64,7 @@ def guard_generate(model, *, driver=None, turn=None) -> None:
         driver: The pipeline's ``runtime.Driver`` (None with a single stage). With one, ``generate(...,
             lanes=L)`` splits the batch into L concurrently running sub-batches (default 1), and after
             each call the stages drop the caches of finished lanes.
-        turn: Rank 0's ``devices.DeviceTurn``: each call holds it while it does device work.
+        turn: Rank 0's ``devices.turn.DeviceTurn``: each call holds it while it does device work.
     """
     original = model.generate
     turn = turn or DeviceTurn()

@@ -20,8 +20,8 @@ import torch
 from . import prefill
 from ._version import __version__
 from .default_model import ensure_default_model
-from .devices import (DeviceTurn, cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device,
-                      pick_dtype)
+from .devices import cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
+from .devices.turn import DeviceTurn
 from .generate import guard_generate
 from .model import graphs
 from . import archs

@@ -16,7 +16,8 @@ import inspect
 import math
 
 from .model import outputs
-from .devices import DeviceTurn, min_prefill_chunk
+from .devices import min_prefill_chunk
+from .devices.turn import DeviceTurn
 from .model.stage import RemoteSpan, StageError
 
 def default_chunk(prompt_len: int, stages: int, *, smallest: int = 64) -> int:
@@ -45,7 +46,7 @@ def install(model, span: RemoteSpan, *, stages: int, local_layers: int, chunk: i
         stages: Number of pipeline stages.
         local_layers: Decoder layers on rank 0.
         chunk: The initial ``prefill_chunk``.
-        turn: Rank 0's ``devices.DeviceTurn``, held by each call while it does device work.
+        turn: Rank 0's ``devices.turn.DeviceTurn``, held by each call while it does device work.
         driver: The ``runtime.Driver``, told when rank 0's own compute starts and ends (its spans).
         device: Rank 0's device: it sets the smallest chunk worth sending (``devices.min_prefill_chunk``).
     """

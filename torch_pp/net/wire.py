@@ -70,7 +70,7 @@ class Message:
 
 class Received(Message):
     """A received message. Its tensors are CPU views into the payload, made on first use: a stage
-    that only copies them to its device never needs them (see ``devices.Inbox``).
+    that only copies them to its device never needs them (see ``devices.copies.Inbox``).
 
     Attributes:
         data: The payload's tensor bytes (CPU, uint8).

@@ -74,7 +74,7 @@ def _template(doc: str) -> dict:
 def decode(meta: dict, tensors: list[torch.Tensor], *, device: torch.device) -> tuple[torch.Tensor, dict[int, dict], int, bool]:
     """Inverse of ``encode``: ``(hidden, layer_kwargs, past_len, use_cache)`` with tensors on ``device``."""
     # Blocking copies: non_blocking host->MPS copies can corrupt data (a stage's come placed already:
-    # see ``devices.Inbox``).
+    # see ``devices.copies.Inbox``).
     moved = tensors if device.type == "cpu" else [t.to(device) for t in tensors]
 
     def dec(value: dict):

@@ -21,7 +21,9 @@ import time
 import torch
 
 from . import activations
-from ..devices import DeviceTurn, Outbox, stamp
+from ..devices import stamp
+from ..devices.copies import Outbox
+from ..devices.turn import DeviceTurn
 from ..trace import Tracer, now
 from ..net.link import Link
 from ..net.wire import Message, Op
@@ -74,7 +76,7 @@ class Driver:
         freed: Lanes whose rank-0 cache is gone (filled by ``RemoteSpan``); the driver tells
             the stages to drop them with its next send.
         turn: Rank 0's device turn: given up while a thread waits on the wire, so that one
-            thread at a time does device work (see ``devices.DeviceTurn``).
+            thread at a time does device work (see ``devices.turn.DeviceTurn``).
     """
 
     def __init__(self, transport: Link, *, device: torch.device, freed: collections.deque | None = None,

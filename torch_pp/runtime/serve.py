@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from . import activations
-from ..devices import Inbox, stamp
+from ..devices import stamp
+from ..devices.copies import Inbox
 from ..errors import PipelineError
 from ..model.stage import StageRunner
 from ..trace import Tracer, now

@@ -1,27 +1,24 @@
-"""Device and dtype choice for a stage, and peak-memory readings.
+"""Device and dtype choice for a stage, and peak-memory readings: the device rules live in this package.
 
 Preference is mps > cuda > cpu. The wire always carries CPU tensors (Gloo cannot
-send device tensors), so the transport stages through CPU buffers; this module
-only decides where the math runs.
+send device tensors), so the transport stages through CPU buffers: ``copies`` says how
+a message's tensors cross to and from a device, ``turn`` how rank 0's threads share one.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import resource
 import sys
-import threading
 
 import torch
 
-from .dtypes import COMPUTE, to_torch
-from .errors import DeviceError
-from .options import Settings
+from ..dtypes import COMPUTE, to_torch
+from ..errors import DeviceError
+from ..options import Settings
 
 DTYPES = {name: to_torch(name) for name in COMPUTE}
 
@@ -253,209 +250,10 @@ def min_prefill_chunk(device: torch.device) -> int:
     return 64 if device.type == "cpu" else 1024
 
 
-def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of device tensors, made with blocking copies (non-blocking MPS copies can corrupt data)."""
-    return [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
-
-
-def _normal_tensors():
-    """Kept buffers are written in place by later calls, in whatever mode those run: made as
-    normal tensors (not inference tensors) and outside autograd, they can be."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
-
-
-class Inbox:
-    """Where a stage's received tensors land on its device: small messages in one copy each, into
-    device buffers kept per layout.
-
-    A decode step's message holds a few small tensors (hidden state, positions, rotary cos/sin).
-    Copying each to the device apart costs a blocking copy and a new tensor apiece, which on a GPU
-    host is far more than the bytes (2x H200: ~190 us per decode step for five tensors, ~30 us
-    in one copy to kept views). Their bytes lie at fixed offsets in the received payload (see
-    ``net.wire``), and every decode step of a lane has the same layout: such a message goes to the
-    device in one blocking copy (non-blocking copies to MPS can corrupt data) into the buffer kept
-    for its layout, whose views of each tensor were made once.
-
-    Reusing the buffer is safe: the copy is ordered after the previous step's kernels on the
-    device's one stream, and a stage keeps no reference to its inputs past a step (the layers
-    compute new tensors; slots copy theirs in).
-
-    Args:
-        device: The stage's device; on the CPU, tensors are used where they lie.
-        keep: Layouts kept (least recently used dropped): lanes of several batch sizes.
-        max_bytes: Larger messages (a prefill chunk) are copied tensor by tensor, into new memory.
-    """
-
-    def __init__(self, device: torch.device, *, keep: int = 8, max_bytes: int = 1 << 16) -> None:
-        self.device, self.keep, self.max_bytes = device, keep, max_bytes
-        self._layouts: collections.OrderedDict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = collections.OrderedDict()
-
-    @torch.no_grad()
-    def place(self, message) -> list[torch.Tensor]:
-        """A received message's tensors on the device (``message``: a ``net.wire.Received``)."""
-        if self.device.type == "cpu":
-            return list(message.tensors)
-        data, layout = message.data, message.layout
-        if data.nbytes > self.max_bytes or not layout or any(not nbytes for *_, nbytes in layout):
-            return [t.to(self.device) for t in message.tensors]
-        kept = self._layouts.get(layout)
-        if kept is None:
-            with _normal_tensors():
-                buffer = torch.empty(data.nbytes, dtype=torch.uint8, device=self.device)
-                views = [buffer[off : off + nbytes].view(dtype).view(shape) for dtype, shape, off, nbytes in layout]
-            kept = self._layouts[layout] = (buffer, views)
-            while len(self._layouts) > self.keep:
-                self._layouts.popitem(last=False)
-        else:
-            self._layouts.move_to_end(layout)
-        kept[0].copy_(data)
-        return list(kept[1])
-
-
-class Outbox:
-    """Where rank 0's outgoing tensors come to the CPU: a decode step's few small ones in one copy.
-
-    The counterpart of ``Inbox``: each tensor copied out apart costs a blocking copy (a wait for
-    the device) and a new CPU tensor (2x H200: 105-120 us per step for five). Here they are copied,
-    queued on the device, into a device buffer kept per layout, which then comes over in one
-    blocking copy (non-blocking copies from MPS can corrupt data) into a host buffer kept with it
-    (page-locked on CUDA). Buffers are per thread: each lane or request thread sends its own, and
-    the host views it returns are packed into the frame before that thread's next step.
-
-    Args:
-        device: Rank 0's device; on the CPU, tensors are sent from where they lie.
-        keep: Layouts kept per thread (least recently used dropped).
-        max_bytes: Larger messages (a prefill chunk) are copied tensor by tensor.
-    """
-
-    def __init__(self, device: torch.device, *, keep: int = 8, max_bytes: int = 1 << 16) -> None:
-        self.device, self.keep, self.max_bytes = device, keep, max_bytes
-        self._local = threading.local()
-
-    @torch.no_grad()
-    def stage(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The tensors on the CPU; the returned views are valid until this thread's next call."""
-        if (self.device.type == "cpu" or not tensors or sum(t.nbytes for t in tensors) > self.max_bytes
-                or any(not t.numel() or t.device.type != self.device.type for t in tensors)):
-            return to_host(tensors)
-        layouts = getattr(self._local, "layouts", None)
-        if layouts is None:
-            layouts = self._local.layouts = collections.OrderedDict()
-        key = tuple((t.dtype, t.shape) for t in tensors)
-        kept = layouts.get(key)
-        if kept is None:
-            with _normal_tensors():
-                kept = layouts[key] = self._buffers(tensors)
-            while len(layouts) > self.keep:
-                layouts.popitem(last=False)
-        else:
-            layouts.move_to_end(key)
-        on_device, device_views, host, host_views = kept
-        for view, t in zip(device_views, tensors):
-            view.copy_(t)  # queued on the device, no wait
-        host.copy_(on_device)  # the one wait
-        return list(host_views)
-
-    def _buffers(self, tensors: list[torch.Tensor]) -> tuple:
-        offsets, total = [], 0
-        for t in tensors:
-            offsets.append(total)
-            total = (total + t.nbytes + 15) // 16 * 16  # every view aligned for its dtype
-        on_device = torch.empty(total, dtype=torch.uint8, device=self.device)
-        host = torch.empty(total, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-
-        def views(buffer):
-            return [buffer[off : off + t.nbytes].view(t.dtype).view(t.shape) for off, t in zip(offsets, tensors)]
-
-        return on_device, views(on_device), host, views(host)
-
-
 def stamp(device: torch.device) -> float:
     """A timestamp (``trace.now``) taken after the device's queued work: on CUDA and MPS kernels run
     asynchronously, and an unsynchronised stamp books a stage's compute as its send or wait."""
-    from .trace import now
+    from ..trace import now
 
     synchronize(device)
     return now()
-
-
-class DeviceTurn:
-    """One thread at a time does device work in this process, a thread giving its turn up while it waits.
-
-    MPS work from two Python threads can abort the process in Metal (pytorch#197805). Rank 0's
-    threads (lanes, a server's requests) hold the turn while they compute and release it while
-    they wait for the other stages; on every device alike, so CPU and CUDA runs take the path
-    MPS takes. Re-entrant per thread (generate() calls forward()). First come, first served,
-    and a ``generate()`` call passes its turn on after each token (``pass_on``): with nothing to
-    wait for in between (one stage), a request would otherwise hold the device until it ends.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # Threads waiting, in arrival order, each on its own condition: a release wakes only the
-        # next one (a server's many waiting requests would all wake, and take the GIL, at every token).
-        self._queue: collections.deque[threading.Condition] = collections.deque()
-        self._held = False
-        self._local = threading.local()
-
-    def _acquire(self) -> None:
-        with self._lock:
-            if not self._held and not self._queue:
-                self._held = True
-                return
-            me = threading.Condition(self._lock)
-            self._queue.append(me)
-            try:
-                while self._held or self._queue[0] is not me:
-                    me.wait()
-            except BaseException:  # an interrupt while waiting: leave the queue, or it would stall
-                first = self._queue[0] is me
-                self._queue.remove(me)
-                if first and not self._held and self._queue:
-                    self._queue[0].notify()
-                raise
-            self._queue.popleft()
-            self._held = True
-
-    def _release(self) -> None:
-        with self._lock:
-            self._held = False
-            if self._queue:
-                self._queue[0].notify()
-
-    @contextlib.contextmanager
-    def held(self):
-        """Hold the turn for this block (nested blocks in one thread share it)."""
-        depth = getattr(self._local, "depth", 0)
-        if depth == 0:
-            self._acquire()
-        self._local.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._local.depth = depth
-            if depth == 0:
-                self._release()
-
-    @contextlib.contextmanager
-    def given_up(self):
-        """Release the turn, if this thread holds it, for a block that does no device work (a wait)."""
-        depth = getattr(self._local, "depth", 0)
-        if depth:
-            self._local.depth = 0
-            self._release()
-        try:
-            yield
-        finally:
-            if depth:
-                self._acquire()
-                self._local.depth = depth
-
-    def pass_on(self) -> None:
-        """Between two steps: if other threads wait for the turn, let them have it first."""
-        if getattr(self._local, "depth", 0) and self._queue:
-            with self.given_up():
-                pass
