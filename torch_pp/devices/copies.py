@@ -9,7 +9,6 @@ the stages).
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 
 import torch
@@ -20,13 +19,19 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
 
 
-def _normal_tensors():
-    """Kept buffers are written in place by later calls, in whatever mode those run: made as
-    normal tensors (not inference tensors) and outside autograd, they can be."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
+def _kept(layouts: collections.OrderedDict, key: tuple, make, *, keep: int):
+    """The buffers kept for ``key``, made by ``make()`` on first use; the least recently used
+    dropped past ``keep``. Kept buffers are written in place by later calls, in whatever mode
+    those run: made as normal tensors (not inference tensors) and outside autograd, they can be."""
+    kept = layouts.get(key)
+    if kept is None:
+        with torch.inference_mode(False), torch.no_grad():
+            kept = layouts[key] = make()
+        while len(layouts) > keep:
+            layouts.popitem(last=False)
+    else:
+        layouts.move_to_end(key)
+    return kept
 
 
 class Inbox:
@@ -63,18 +68,13 @@ class Inbox:
         data, layout = message.data, message.layout
         if data.nbytes > self.max_bytes or not layout or any(not nbytes for *_, nbytes in layout):
             return [t.to(self.device) for t in message.tensors]
-        kept = self._layouts.get(layout)
-        if kept is None:
-            with _normal_tensors():
-                buffer = torch.empty(data.nbytes, dtype=torch.uint8, device=self.device)
-                views = [buffer[off : off + nbytes].view(dtype).view(shape) for dtype, shape, off, nbytes in layout]
-            kept = self._layouts[layout] = (buffer, views)
-            while len(self._layouts) > self.keep:
-                self._layouts.popitem(last=False)
-        else:
-            self._layouts.move_to_end(layout)
-        kept[0].copy_(data)
-        return list(kept[1])
+        buffer, views = _kept(self._layouts, layout, lambda: self._buffer(data.nbytes, layout), keep=self.keep)
+        buffer.copy_(data)
+        return list(views)
+
+    def _buffer(self, nbytes: int, layout: tuple) -> tuple:
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buffer, [buffer[off : off + size].view(dtype).view(shape) for dtype, shape, off, size in layout]
 
 
 class Outbox:
@@ -107,15 +107,7 @@ class Outbox:
         if layouts is None:
             layouts = self._local.layouts = collections.OrderedDict()
         key = tuple((t.dtype, t.shape) for t in tensors)
-        kept = layouts.get(key)
-        if kept is None:
-            with _normal_tensors():
-                kept = layouts[key] = self._buffers(tensors)
-            while len(layouts) > self.keep:
-                layouts.popitem(last=False)
-        else:
-            layouts.move_to_end(key)
-        on_device, device_views, host, host_views = kept
+        on_device, device_views, host, host_views = _kept(layouts, key, lambda: self._buffers(tensors), keep=self.keep)
         for view, t in zip(device_views, tensors):
             view.copy_(t)  # queued on the device, no wait
         host.copy_(on_device)  # the one wait
