@@ -71,19 +71,16 @@ def _template(doc: str) -> dict:
     return json.loads(doc)
 
 
-def decode(meta: dict, tensors: list[torch.Tensor], *, device: torch.device) -> tuple[torch.Tensor, dict[int, dict], int, bool]:
-    """Inverse of ``encode``: ``(hidden, layer_kwargs, past_len, use_cache)`` with tensors on ``device``."""
-    # Blocking copies: non_blocking host->MPS copies can corrupt data (a stage's come placed already:
-    # see ``devices.copies.Inbox``).
-    moved = tensors if device.type == "cpu" else [t.to(device) for t in tensors]
-
+def decode(meta: dict, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, dict], int, bool]:
+    """Inverse of ``encode``: ``(hidden, layer_kwargs, past_len, use_cache)``, built from ``tensors``
+    where they are (a stage places them on its device first: see ``devices.copies.Inbox``)."""
     def dec(value: dict):
         if "t" in value:
-            return moved[value["t"]]
+            return tensors[value["t"]]
         if "tt" in value:
-            return tuple(moved[s] for s in value["tt"])
+            return tuple(tensors[s] for s in value["tt"])
         return value["v"]
 
     built = [{k: dec(v) for k, v in _template(doc).items()} for doc in meta["templates"]]
     layer_kwargs = {int(idx): built[ti] for idx, ti in meta["layers"].items()}
-    return moved[0], layer_kwargs, int(meta["past_len"]), bool(meta["use_cache"])
+    return tensors[0], layer_kwargs, int(meta["past_len"]), bool(meta["use_cache"])

@@ -58,8 +58,7 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
             if error is None:
                 start = time.perf_counter()
                 try:
-                    hidden, layer_kwargs, past_len, use_cache = activations.decode(
-                        meta, inbox.place(msg), device=device)
+                    hidden, layer_kwargs, past_len, use_cache = activations.decode(meta, inbox.place(msg))
                     out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane, collect=collect)
                 except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
                     log.debug("rank %d failed:\n%s", rank, traceback.format_exc())
