@@ -1,7 +1,8 @@
 """Run under torchrun by bench_lanes.py: one greedy batch in a given number of lanes, on rank 0.
 
-Each turn (``run {"batch", "lanes", "new"}``) reports the wall time, tokens/s, rank 0's CPU
-seconds per decode round, every stage's compute seconds in the run (from its spans) and the tokens.
+Each turn (``run {"batch", "lanes", "new"}``) reports the wall time, rank 0's CPU seconds, every
+stage's compute seconds in the run (from its spans) and the tokens. The second argument is a
+``balance`` or a manual plan (``0:12,12:30``), the third the dtype.
 """
 
 import os
@@ -16,9 +17,9 @@ from _common import load_tokenizer, make_inputs, serve_turns  # noqa: E402
 from torch_pp import perf  # noqa: E402
 from torch_pp.trace import now  # noqa: E402
 
-model_dir, balance = sys.argv[1], sys.argv[2]
+model_dir, balance, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
-pipe = torch_pp.start(model_dir, balance=balance, progress=False)
+pipe = torch_pp.start(model_dir, **({"layers": balance} if ":" in balance else {"balance": balance}), dtype=dtype, progress=False)
 if pipe.is_driver:
     tok = load_tokenizer(model_dir)
 
@@ -31,7 +32,7 @@ if pipe.is_driver:
                                       pad_token_id=tok.pad_token_id if tok is not None else 0)
         wall, cpu, t1 = time.perf_counter() - start, time.process_time() - cpu0, now()
         spans = perf.breakdown(pipe.stats(spans_since=t0), start=t0, end=t1)
-        return {"wall_s": wall, "tokens_per_s": spec["batch"] * new / wall, "rank0_cpu_ms_per_round": 1000 * cpu / new,
+        return {"wall_s": wall, "rank0_cpu_s": cpu,
                 "stage_compute_s": [s["compute_s"] for s in spans], "tokens": out[:, inputs["input_ids"].shape[1]:].tolist()}
 
     serve_turns(run_once, dict)

@@ -42,14 +42,34 @@ def test_perf_report_runs_on_a_folder_without_tokenizer(tiny_models, tmp_path):
 def test_bench_lanes_reports_speedup_bound_and_same_tokens(tiny_models, tmp_path):
     out = tmp_path / "lanes.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_lanes.py"), "--model", str(tiny_models["llama"]),
-                          "--batches", "4", "--new-tokens", "4", "--reps", "2", "--balance", "memory", "--json", str(out)],
+                          "--batches", "4", "--tokens", "2,6", "--reps", "2", "--balance", "memory", "--json", str(out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     row = json.loads(out.read_text())["batches"]["4"]
     assert row["same_tokens"] is True
-    assert row["bound"] > 0 and row["speedup"] > 0 and len(row["stage_compute_s_2_lanes"]) == 2
+    assert row["bound"] > 0 and row["speedup"] > 0 and len(row["stage_compute_ms_per_round_2_lanes"]) == 2
     assert row["rank0_cpu_ms_per_round_2_lanes"] > 0
     assert "bound here" in run.stdout
+
+
+def test_balance_measures_each_stage_and_proposes_an_even_plan(tiny_models, tmp_path):
+    out = tmp_path / "balance.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          str(ROOT / "bench" / "balance.py"), "--model", str(tiny_models["llama"]), "--layers", "0:3,3:4",
+                          "--batch", "2", "--tokens", "8", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["plan"] == "0:3,3:4"
+    stages = result["stages"]
+    assert [s["layers"] for s in stages] == [[0, 3], [3, 4]]
+    assert all(0 < s["layers_ms"] <= s["occupied_ms"] * 1.05 for s in stages)
+    # Rank 0 held 3 of the 4 layers on top of its head and generate()'s bookkeeping: it was the most
+    # occupied, and the proposal moves layers to stage 1 and predicts a smaller largest stage.
+    assert stages[0]["occupied_ms"] > stages[1]["occupied_ms"]
+    assert stages[0]["proposed_layers"][1] < 3 and result["balanced_plan"] == ",".join(f"{a}:{b}" for a, b in (s["proposed_layers"] for s in stages))
+    assert max(s["predicted_ms"] for s in stages) < stages[0]["occupied_ms"]
+    assert f"--layers {result['balanced_plan']}" in run.stdout
 
 
 def test_bench_quant_reports_every_mode_with_shrinking_weights(tiny_models, tmp_path):

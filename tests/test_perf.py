@@ -1,8 +1,9 @@
-"""The performance report's pieces: spans from every stage, a valid Chrome trace, a timeline PNG."""
+"""The performance report's pieces: spans from every stage, a valid Chrome trace, a timeline PNG, a measured plan."""
 
 import json
 
 import torch
+from tiny_models import write_tiny_model
 
 import torch_pp
 from torch_pp import perf
@@ -50,3 +51,24 @@ def test_trace_has_spans_for_every_stage(tiny_models, tmp_path):
     assert overlap < 1e-3, f"stages computed at once for {overlap * 1000:.2f} ms"
     perf.plot_timeline(stages, str(tmp_path / "timeline.png"), start=t0, end=t1)
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_balanced_plan_moves_layers_off_the_most_occupied_stage(tmp_path):
+    model = write_tiny_model("llama", tmp_path / "llama12", layers=12)
+    with torch_pp.local_pipeline(model, stages=2, layers="0:11,11:12", progress=False) as pipe:
+        ids = torch.tensor([[1, 5, 9, 3]] * 4)
+        pipe.model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        t0 = now()
+        pipe.model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        t1 = now()
+        stages = pipe.stats(spans_since=t0)
+        plan = pipe.balanced_plan(spans_since=t0, until=t1)
+    shares = perf.breakdown(stages, start=t0, end=t1)
+    # Rank 0's own layers are told apart from its embedding and head, inside its compute; a stage's
+    # layers are its compute; nothing occupies a stage longer than the window.
+    assert 0 < shares[0]["layers_s"] < shares[0]["compute_s"] <= shares[0]["occupied_s"] <= (t1 - t0) * 1.01
+    assert shares[1]["layers_s"] == shares[1]["compute_s"] > 0
+    assert any(name == "layers" for name, _, _ in stages[0]["spans"])
+    # Rank 0 held 11 of the 12 layers besides its head: the measured plan moves layers to stage 1.
+    assert plan.num_layers == 12 and plan.ranges[0][0] == 0 and plan.ranges[-1][1] == 12
+    assert plan.ranges[0][1] < 11, plan

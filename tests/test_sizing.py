@@ -14,7 +14,7 @@ from conftest import ROOT, torchrun
 from tiny_models import ARCHS, tiny_config
 from torch_pp.placement.plan import PlanError, parse_layers
 from torch_pp.options import parse_bytes
-from torch_pp.placement.sizing import ModelSizes, choose_plan, compute_plan, memory_plan, model_sizes, stage_needs
+from torch_pp.placement.sizing import ModelSizes, choose_plan, compute_plan, measured_plan, memory_plan, model_sizes, stage_needs
 
 GiB = 2**30
 
@@ -130,21 +130,71 @@ def test_compute_plan_gives_rank0_fewer_layers_for_its_head():
     assert compute_plan(sizes, num_stages=2).ranges == ((0, 11), (11, 30))
 
 
-def test_compute_plan_is_the_best_contiguous_split():
-    rng = random.Random(0)
+def random_splits(seed: int):
+    """30 random models and stage counts: (rng, layers, stages, each layer's work)."""
+    rng = random.Random(seed)
     for _ in range(30):
-        n, stages = rng.randint(3, 9), rng.randint(1, 3)
-        stages = min(stages, n)
-        cost = tuple(rng.randint(1, 50) for _ in range(n))
+        n = rng.randint(3, 9)
+        stages = min(rng.randint(1, 3), n)
+        yield rng, n, stages, tuple(rng.randint(1, 50) for _ in range(n))
+
+
+def best_split(worst, n: int, stages: int) -> float:
+    """The smallest ``worst(bounds)`` over every contiguous split, by brute force."""
+    return min(worst((0, *cuts, n)) for cuts in itertools.combinations(range(1, n), stages - 1))
+
+
+def test_compute_plan_is_the_best_contiguous_split():
+    for rng, n, stages, cost in random_splits(0):
         sizes = ModelSizes(cost, 0, (0,) * n, (None,) * n, layer_active_params=cost, head_params=rng.randint(0, 80))
 
         def worst(bounds):
-            loads = [sum(cost[a:b]) + (sizes.head_params if r == 0 else 0) for r, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-            return max(loads)
+            return max(sum(cost[a:b]) + (sizes.head_params if r == 0 else 0) for r, (a, b) in enumerate(zip(bounds, bounds[1:])))
 
-        best = min(worst((0, *cuts, n)) for cuts in itertools.combinations(range(1, n), stages - 1))
         plan = compute_plan(sizes, num_stages=stages)
-        assert worst((0, *(r[1] for r in plan.ranges))) == best, (cost, sizes.head_params, plan)
+        assert worst((0, *(r[1] for r in plan.ranges))) == best_split(worst, n, stages), (cost, sizes.head_params, plan)
+
+
+def test_measured_plan_is_the_best_split_under_the_measured_rates():
+    for rng, n, stages, work in random_splits(1):
+        sizes = ModelSizes(work, 0, (0,) * n, (None,) * n, layer_active_params=work)
+        cuts = sorted(rng.sample(range(1, n), stages - 1))
+        plan = parse_layers(",".join(f"{a}:{b}" for a, b in zip([0, *cuts], [*cuts, n])), num_layers=n)
+        rate = [rng.uniform(0.5, 3.0) for _ in range(stages)]  # seconds per unit of work: machines differ
+        fixed = [rng.uniform(0, 40) for _ in range(stages)]
+        layers = [rate[r] * sum(work[a:b]) for r, (a, b) in enumerate(plan.ranges)]
+
+        def worst(bounds):
+            return max(fixed[r] + rate[r] * sum(work[a:b]) for r, (a, b) in enumerate(zip(bounds, bounds[1:])))
+
+        got = measured_plan(sizes, plan, occupied_s=[f + lay for f, lay in zip(fixed, layers)], layers_s=layers)
+        assert got.num_layers == n and len(got.ranges) == stages
+        assert worst((0, *(r[1] for r in got.ranges))) == pytest.approx(best_split(worst, n, stages)), (work, rate, fixed, got)
+
+
+def test_measured_plan_moves_layers_to_the_faster_machine_and_off_a_busy_rank0():
+    sizes = model_sizes(smollm2_shaped())
+    plan = compute_plan(sizes, num_stages=2)  # 0:11, 11:30
+    # Same speed per layer; rank 0's head and bookkeeping measured at 44 ms, not the 8 layers' worth counted.
+    same = measured_plan(sizes, plan, occupied_s=[0.085, 0.082], layers_s=[0.041, 0.081])
+    assert same.ranges == ((0, 11), (11, 30))
+    # Stage 1 on a machine half as fast per layer: it gets fewer layers.
+    slow = measured_plan(sizes, plan, occupied_s=[0.085, 0.163], layers_s=[0.041, 0.162])
+    assert slow.ranges[0][1] > 11
+    # Rank 0's fixed costs twice as large: rank 0 gets fewer layers.
+    busy = measured_plan(sizes, plan, occupied_s=[0.129, 0.082], layers_s=[0.041, 0.081])
+    assert busy.ranges[0][1] < 11
+
+
+def test_measured_plan_refuses_what_cannot_be_a_measurement():
+    sizes = model_sizes(smollm2_shaped())
+    plan = compute_plan(sizes, num_stages=2)
+    with pytest.raises(PlanError, match="plan has 2"):
+        measured_plan(sizes, plan, occupied_s=[1.0], layers_s=[1.0])
+    with pytest.raises(PlanError, match="decode window"):
+        measured_plan(sizes, plan, occupied_s=[1.0, 1.0], layers_s=[0.0, 1.0])  # a stage that never ran its layers
+    with pytest.raises(PlanError, match="decode window"):
+        measured_plan(sizes, plan, occupied_s=[1.0, 1.0], layers_s=[2.0, 1.0])  # more time in layers than occupied
 
 
 def test_compute_plan_counts_only_the_active_experts():

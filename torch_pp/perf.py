@@ -21,17 +21,22 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 
 
 def breakdown(stages: list[dict], *, start: float, end: float) -> list[dict]:
-    """Each stage's use of ``[start, end]``: compute, communication (send) and idle.
+    """Each stage's use of ``[start, end]``: compute, communication (send), idle, and what sets a pace.
 
     Spans are clipped to the window and merged, so overlapping spans (rank 0 runs one thread
     per lane) count once: compute is the time when any forward pass was running on the stage,
     communication the time spent framing and sending outside compute, idle the rest. On
     rank 0, generate()'s own bookkeeping between forward passes counts as idle.
+
+    Two more figures per stage, for evening the stages out (``Pipeline.balanced_plan``):
+    ``occupied_s``, the time it was not waiting for a message (on rank 0 that includes
+    generate()'s bookkeeping: the time before it can send the next step), and ``layers_s``,
+    the time in its own decoder layers (a stage's compute; rank 0's ``layers`` spans).
     """
     total = end - start
     out = []
     for s in stages:
-        spans = {"compute": [], "send": []}
+        spans = {"compute": [], "send": [], "wait": [], "layers": []}
         for name, a, b in s.get("spans", []):
             a, b = max(a, start), min(b, end)
             if b > a and name in spans:
@@ -41,6 +46,8 @@ def breakdown(stages: list[dict], *, start: float, end: float) -> list[dict]:
         out.append({
             "rank": s["rank"], "compute_s": compute, "communication_s": busy - compute, "idle_s": max(0.0, total - busy),
             "busy_share": compute / total if total > 0 else 0.0,
+            "occupied_s": max(0.0, total - _union(spans["wait"])),
+            "layers_s": _union(spans["layers"]) if spans["layers"] else compute,
         })
     return out
 

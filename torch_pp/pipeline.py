@@ -109,6 +109,32 @@ class Pipeline:
             mine["spans"] = self.driver.tracer.since(spans_since) if self.driver else []
         return [mine, *remote]
 
+    def balanced_plan(self, *, spans_since: float, until: float | None = None) -> StagePlan:
+        """A plan that evens out the stages' time per decode step, measured in a window of this run.
+
+        With several lanes or concurrent requests the most occupied stage sets the pace, and
+        what occupies each stage is best measured on the machines themselves: rank 0 also embeds,
+        runs the LM head and generate()'s bookkeeping, and machines differ in speed. Run a few
+        decode steps of the batch size you mean to serve, in one lane, then restart with
+        ``layers=plan.spec()`` (see ``placement.sizing.measured_plan``). Rank 0 only.
+
+        Args:
+            spans_since: Start of the window (a ``torch_pp.trace.now()`` time): best after the
+                prompt's prefill, so that the window is decode steps.
+            until: End of the window (default: now).
+
+        Raises:
+            PlanError: if the window holds no decode step of every stage.
+        """
+        from . import perf
+        from .placement.sizing import measured_plan
+        from .trace import now
+
+        end = until if until is not None else now()
+        figures = perf.breakdown(self.stats(spans_since=spans_since), start=spans_since, end=end)
+        return measured_plan(model_sizes(read_config(self.model_dir)), self.plan,
+                             occupied_s=[f["occupied_s"] for f in figures], layers_s=[f["layers_s"] for f in figures])
+
     def tokenizer(self):
         """The model folder's tokenizer."""
         from transformers import AutoTokenizer

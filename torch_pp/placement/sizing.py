@@ -204,22 +204,64 @@ def compute_plan(sizes: ModelSizes, *, num_stages: int) -> StagePlan:
     Raises:
         PlanError: if there are more stages than layers.
     """
-    n = sizes.num_layers
-    check_stage_count(num_stages, n)
-    cost = list(sizes.layer_active_params or sizes.layer_params)
+    check_stage_count(num_stages, sizes.num_layers)
+    return _even_cut(_work(sizes), num_stages, lambda r, work: work + (sizes.head_params if r == 0 else 0))
+
+
+def measured_plan(sizes: ModelSizes, plan: StagePlan, *, occupied_s: list[float], layers_s: list[float]) -> StagePlan:
+    """Contiguous layer ranges that even out each stage's measured time per decode step.
+
+    What ``compute_plan`` estimates from parameter counts, measured instead on the machines
+    themselves under ``plan`` (``torch_pp.perf.breakdown`` of a decode window): each stage's time
+    in its layers and its time occupied (not waiting for the ring: its layers plus its fixed
+    costs, which on rank 0 are the embedding, the LM head, generate()'s own bookkeeping and
+    sending). A rank's layers are taken to cost in proportion to their active parameters at
+    that rank's measured rate, its fixed costs to stay where they are; so a slower machine gets
+    fewer layers, and rank 0 fewer where its fixed costs are large. With several lanes the most
+    occupied stage sets the pace (see ``runtime.lanes``).
+
+    Args:
+        sizes: The model's sizes.
+        plan: The plan the figures were measured under (every rank with at least one layer).
+        occupied_s: Each rank's occupied seconds in the window, in rank order.
+        layers_s: Each rank's seconds in its own layers in the same window.
+
+    Raises:
+        PlanError: if the figures do not match the plan or cannot be measurements.
+    """
+    n = len(plan.ranges)
+    if len(occupied_s) != n or len(layers_s) != n:
+        raise PlanError(f"measured figures for {len(occupied_s)} and {len(layers_s)} stages, but the plan has {n}")
+    if any(not (0 < lay <= occ * 1.05) for lay, occ in zip(layers_s, occupied_s)):
+        raise PlanError(f"not measurements of a decode window: layers {layers_s} s, occupied {occupied_s} s")
+    work = _work(sizes)
+    rate = [lay / sum(work[a:b]) for lay, (a, b) in zip(layers_s, plan.ranges)]  # seconds per active parameter
+    fixed = [max(occ - lay, 0.0) for occ, lay in zip(occupied_s, layers_s)]
+    return _even_cut(work, n, lambda r, w: fixed[r] + rate[r] * w)
+
+
+def _work(sizes: ModelSizes) -> list[int]:
+    """Each layer's parameters multiplied per token."""
+    return list(sizes.layer_active_params or sizes.layer_params)
+
+
+def _even_cut(work: list[float], num_stages: int, cost) -> StagePlan:
+    """The contiguous ranges whose most costly stage costs least; ``cost(rank, work)`` is what a
+    rank's range of layers with that much work costs it (every rank gets at least one layer)."""
+    n = len(work)
     prefix = [0]
-    for c in cost:
-        prefix.append(prefix[-1] + c)
+    for w in work:
+        prefix.append(prefix[-1] + w)
     inf = float("inf")
     # best[r][i]: the smallest possible largest stage when stages 0..r cover layers 0..i-1.
     best = [[inf] * (n + 1) for _ in range(num_stages)]
     cut = [[0] * (n + 1) for _ in range(num_stages)]
     for i in range(1, n + 1):
-        best[0][i] = sizes.head_params + prefix[i]
+        best[0][i] = cost(0, prefix[i])
     for r in range(1, num_stages):
         for i in range(r + 1, n + 1):
             for j in range(r, i):
-                worst = max(best[r - 1][j], prefix[i] - prefix[j])
+                worst = max(best[r - 1][j], cost(r, prefix[i] - prefix[j]))
                 if worst < best[r][i]:
                     best[r][i], cut[r][i] = worst, j
     bounds = [n]

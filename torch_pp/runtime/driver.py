@@ -98,8 +98,10 @@ class Driver:
         self._count = threading.Lock()
 
     def mark_busy(self) -> None:
-        """A forward pass starts on rank 0: compute until the next remote call."""
+        """A forward pass starts on rank 0: compute until the next remote call, in its own layers
+        (after the embedding) until the first one."""
         self._local.busy_since = stamp(self.device)
+        self._local.in_layers = True
 
     def mark_idle(self) -> None:
         """A forward pass ended on rank 0."""
@@ -111,7 +113,11 @@ class Driver:
     def _pause_busy(self) -> bool:
         since = getattr(self._local, "busy_since", None)
         if since is not None:
-            self.tracer.add("compute", since, stamp(self.device))
+            until = stamp(self.device)
+            self.tracer.add("compute", since, until)
+            if self._local.in_layers:  # rank 0's own layers, told apart for ``Pipeline.balanced_plan``
+                self.tracer.add("layers", since, until)
+                self._local.in_layers = False
         return since is not None
 
     @property
