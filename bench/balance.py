@@ -52,6 +52,10 @@ def main() -> None:
                           progress=False, **json.loads(args.start))
     if not pipe.is_driver:
         return
+    if pipe.transport.world_size == 1:
+        pipe.close()
+        raise SystemExit("balance.py: one stage holds every layer, so there is nothing to balance; launch it with as many "
+                         "processes as the pipeline has stages (torchrun --nproc-per-node N, or one per machine)")
     try:
         tok = load_tokenizer(pipe.model_dir)
         inputs = {k: v.to(pipe.model.device) for k, v in

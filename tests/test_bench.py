@@ -72,6 +72,14 @@ def test_balance_measures_each_stage_and_proposes_an_even_plan(tiny_models, tmp_
     assert f"--layers {result['balanced_plan']}" in run.stdout
 
 
+def test_balance_on_one_stage_says_there_is_nothing_to_balance(tiny_models):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+                          str(ROOT / "bench" / "balance.py"), "--model", str(tiny_models["llama"])],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    assert "nothing to balance" in run.stderr and "--nproc-per-node" in run.stderr
+
+
 def test_bench_quant_reports_every_mode_with_shrinking_weights(tiny_models, tmp_path):
     out = tmp_path / "quant.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quant.py"), "--model", str(tiny_models["llama"]),

@@ -4,7 +4,8 @@ Every rank keeps a bounded list of spans ``(name, start, end)`` in wall-clock se
 (``time.time()`` scale, measured with ``perf_counter`` precision), so spans of ranks on
 one machine line up; across machines they are only as aligned as the clocks.
 Names: ``compute`` (the stage's own math; on rank 0 its forward passes less the remote calls),
-``layers`` (on rank 0, the part of a forward pass in its own decoder layers, inside ``compute``),
+``layers`` (on rank 0, a forward pass up to its first remote call: the embedding and its own
+decoder layers, inside ``compute``),
 ``send`` (framing and handing a message to Gloo), ``wait`` (blocked on the next message:
 idle time plus the upstream transfer).
 """

@@ -216,7 +216,8 @@ def measured_plan(sizes: ModelSizes, plan: StagePlan, *, occupied_s: list[float]
     in its layers and its time occupied (not waiting for the ring: its layers plus its fixed
     costs, which on rank 0 are the embedding, the LM head, generate()'s own bookkeeping and
     sending). A rank's layers are taken to cost in proportion to their active parameters at
-    that rank's measured rate, its fixed costs to stay where they are; so a slower machine gets
+    that rank's measured rate (rank 0's embedding, measured with its layers, is spread over them),
+    its fixed costs to stay where they are; so a slower machine gets
     fewer layers, and rank 0 fewer where its fixed costs are large. With several lanes the most
     occupied stage sets the pace (see ``runtime.lanes``).
 

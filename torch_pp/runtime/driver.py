@@ -98,8 +98,8 @@ class Driver:
         self._count = threading.Lock()
 
     def mark_busy(self) -> None:
-        """A forward pass starts on rank 0: compute until the next remote call, in its own layers
-        (after the embedding) until the first one."""
+        """A forward pass starts on rank 0: compute until the next remote call; until the first
+        one, its embedding and its own decoder layers (the ``layers`` span)."""
         self._local.busy_since = stamp(self.device)
         self._local.in_layers = True
 
