@@ -32,7 +32,7 @@ import torch_pp  # noqa: E402
 from torch_pp import perf  # noqa: E402
 from torch_pp.options import BALANCES  # noqa: E402
 from torch_pp.placement.config import read_config  # noqa: E402
-from torch_pp.placement.sizing import measured_plan, model_sizes  # noqa: E402
+from torch_pp.placement.sizing import measured_plan, model_sizes, predicted_times  # noqa: E402
 from torch_pp.trace import now  # noqa: E402
 
 
@@ -77,12 +77,11 @@ def main() -> None:
         long = perf.breakdown(pipe.stats(spans_since=t1), start=t1, end=t2)
         per_step = {key: [max(0.0, b[key] - a[key]) / args.tokens for a, b in zip(short, long)] for key in ("occupied_s", "layers_s")}
         sizes = model_sizes(read_config(pipe.model_dir))
-        plan = measured_plan(sizes, pipe.plan, occupied_s=per_step["occupied_s"], layers_s=per_step["layers_s"])
-        work = list(sizes.layer_active_params or sizes.layer_params)
+        plan = measured_plan(sizes, pipe.plan, **per_step)
+        predictions = predicted_times(sizes, pipe.plan, plan, **per_step)
         rows, stages = [], []
-        for r, ((a, b), (c, d)) in enumerate(zip(pipe.plan.ranges, plan.ranges)):
+        for r, ((a, b), (c, d), predicted) in enumerate(zip(pipe.plan.ranges, plan.ranges, predictions)):
             occupied, layers = per_step["occupied_s"][r], per_step["layers_s"][r]
-            predicted = occupied - layers + layers * sum(work[c:d]) / sum(work[a:b])
             stages.append({"rank": r, "layers": [a, b], "occupied_ms": 1000 * occupied, "layers_ms": 1000 * layers,
                            "proposed_layers": [c, d], "predicted_ms": 1000 * predicted})
             rows.append([str(r), f"{a}:{b}", f"{1000 * occupied:.2f}", f"{1000 * layers:.2f}", f"{c}:{d}", f"{1000 * predicted:.2f}"])

@@ -230,6 +230,20 @@ def measured_plan(sizes: ModelSizes, plan: StagePlan, *, occupied_s: list[float]
     Raises:
         PlanError: if the figures do not match the plan or cannot be measurements.
     """
+    return _even_cut(_work(sizes), len(plan.ranges), _measured_cost(sizes, plan, occupied_s, layers_s))
+
+
+def predicted_times(sizes: ModelSizes, plan: StagePlan, proposed: StagePlan, *, occupied_s: list[float],
+                    layers_s: list[float]) -> list[float]:
+    """Each rank's occupied seconds under ``proposed``, as the figures measured under ``plan`` predict
+    them (the cost model of ``measured_plan``)."""
+    cost, work = _measured_cost(sizes, plan, occupied_s, layers_s), _work(sizes)
+    return [cost(r, sum(work[a:b])) for r, (a, b) in enumerate(proposed.ranges)]
+
+
+def _measured_cost(sizes: ModelSizes, plan: StagePlan, occupied_s: list[float], layers_s: list[float]):
+    """``cost(rank, work)`` from figures measured under ``plan``: the rank's fixed seconds plus its
+    measured seconds per active parameter times ``work``."""
     n = len(plan.ranges)
     if len(occupied_s) != n or len(layers_s) != n:
         raise PlanError(f"measured figures for {len(occupied_s)} and {len(layers_s)} stages, but the plan has {n}")
@@ -238,7 +252,7 @@ def measured_plan(sizes: ModelSizes, plan: StagePlan, *, occupied_s: list[float]
     work = _work(sizes)
     rate = [lay / sum(work[a:b]) for lay, (a, b) in zip(layers_s, plan.ranges)]  # seconds per active parameter
     fixed = [max(occ - lay, 0.0) for occ, lay in zip(occupied_s, layers_s)]
-    return _even_cut(work, n, lambda r, w: fixed[r] + rate[r] * w)
+    return lambda r, w: fixed[r] + rate[r] * w
 
 
 def _work(sizes: ModelSizes) -> list[int]:
