@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -107,10 +108,10 @@ def dump(result: dict, path: str | None) -> None:
 MARK = "BENCH "
 
 
-def serve_turns(run_once, finish) -> None:
+def serve_turns(run_once, finish, ready: dict | None = None) -> None:
     """Worker side: answer each ``run`` line on stdin with ``run_once()`` (``run {json}``: with that
-    spec as its argument), ``quit`` with ``finish()``."""
-    print(MARK + json.dumps({"ready": True}), flush=True)
+    spec as its argument), ``quit`` with ``finish()``; ``ready`` goes with the first answer."""
+    print(MARK + json.dumps({"ready": True, **(ready or {})}), flush=True)
     for line in sys.stdin:
         word, _, spec = line.strip().partition(" ")
         if word == "run":
@@ -125,7 +126,7 @@ class TurnWorker:
 
     def __init__(self, cmd: list[str], env: dict) -> None:
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._answer()  # ready
+        self.ready = self._answer()  # what the worker said once loaded (see ``serve_turns``)
 
     def _answer(self) -> dict:
         for line in self.proc.stdout:
@@ -147,10 +148,13 @@ class TurnWorker:
 
 
 def alternate(workers: dict[str, TurnWorker], reps: int) -> dict[str, list[dict]]:
-    """``reps`` repetitions of each worker, the order flipped every round (A B, B A, A B, ...)."""
+    """``reps`` repetitions of each worker, each round in the next of all orders (two workers:
+    A B, B A, A B, ...; three: each of the six orders in turn), so that no worker always follows
+    the same other one or keeps one place: on a VM a run can depend on the one before it."""
     names = list(workers)
+    orders = list(itertools.permutations(names))
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for i in range(reps):
-        for n in names if i % 2 == 0 else names[::-1]:
+        for n in orders[i % len(orders)]:
             runs[n].append(workers[n].ask("run"))
     return runs

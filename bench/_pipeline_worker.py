@@ -45,5 +45,5 @@ if pipe.is_driver:
             "stages": stages,
         }
 
-    serve_turns(run_once, finish)
+    serve_turns(run_once, finish, ready={"plan": pipe.plan.spec()})
 pipe.close()

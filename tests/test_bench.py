@@ -22,6 +22,11 @@ def test_bench_decode_alternates_and_agrees(tiny_models, tmp_path):
     assert [s["layers"] for s in result["pipeline"]["stages"]] == [[0, 2], [2, 4]]
     assert result["pipeline"]["per_boundary_ms"] > 0 and 0 < result["pipeline"]["communication_share"] < 1
     assert "decode ratio pipeline/HF" in run.stdout
+    # The floor: a bare pipeline under torch_pp's plan, its tokens among the same tokens above.
+    floor = result["floor"]
+    assert floor["plan"] == "0:2,2:4" and floor["decode_tokens_per_s"] > 0
+    assert floor["decode_ratio_floor_over_hf"] > 0 and floor["decode_ratio_pipeline_over_floor"] > 0
+    assert "pipeline/floor (torch_pp's own)" in run.stdout
 
 
 def test_perf_report_runs_on_a_folder_without_tokenizer(tiny_models, tmp_path):
