@@ -47,6 +47,20 @@ def write_random_like_default(path: Path) -> str:
     return str(path)
 
 
+def floor_unsupported(model_dir: str) -> str | None:
+    """Why the bare pipeline cannot run this model, or None: its ``Remote`` passes one mask and the
+    (cos, sin) pair round the ring, which covers the families of full attention that torch_pp's
+    captured steps cover."""
+    from transformers import AutoConfig
+
+    from torch_pp.model import graphs
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config._attn_implementation = "sdpa"
+    reason = graphs.unsupported(config)
+    return None if reason is None else f"the bare pipeline covers {', '.join(graphs.FAMILIES)} with full attention ({reason})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2)")
@@ -73,8 +87,11 @@ def main() -> None:
         "hf": TurnWorker([sys.executable, str(HERE / "_hf_worker.py"), *common], env),
         "pp": TurnWorker(torchrun_cmd(args.stages, HERE / "_pipeline_worker.py", *common), env),
     }
-    if not args.no_floor:  # under the plan torch_pp chose
+    no_floor = "--no-floor" if args.no_floor else floor_unsupported(model_dir)
+    if no_floor is None:  # under the plan torch_pp chose
         workers["floor"] = TurnWorker(torchrun_cmd(args.stages, HERE / "_bare_pipeline.py", *common, workers["pp"].ready["plan"]), env)
+    else:
+        print(f"floor left out: {no_floor}", file=sys.stderr)
     runs = alternate(workers, args.reps)
     final = {name: worker.close() for name, worker in workers.items()}
     hf, pp = final["hf"], final["pp"]

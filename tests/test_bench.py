@@ -29,6 +29,17 @@ def test_bench_decode_alternates_and_agrees(tiny_models, tmp_path):
     assert "pipeline/floor (torch_pp's own)" in run.stdout
 
 
+def test_bench_decode_leaves_the_floor_out_for_a_family_it_does_not_cover(tiny_models, tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_decode.py"), "--model", str(tiny_models["gemma3_text"]),
+                          "--new-tokens", "3", "--reps", "1", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "floor" not in result and result["same_tokens"] is True
+    assert "floor left out: the bare pipeline covers llama" in run.stderr
+
+
 def test_perf_report_runs_on_a_folder_without_tokenizer(tiny_models, tmp_path):
     # The tiny models have neither a tokenizer nor a chat template (a random-weight test model).
     model = tiny_models["llama"]
