@@ -104,7 +104,7 @@ if rank == 0:
         send(torch.zeros(0), 0, 0, nxt)  # sequence length 0: the other ranks end
         return {"plan": spec}
 
-    serve_turns(lambda: timed_generate(model, inputs, new_tokens=new_tokens), finish)
+    serve_turns(lambda spec=None: timed_generate(model, inputs, new_tokens=(spec or {}).get("new_tokens", new_tokens)), finish)
 else:
     cache, keyword = None, cache_keyword(own[0])
     with torch.inference_mode():

@@ -29,6 +29,17 @@ def timed_generate(model, inputs: dict, *, new_tokens: int) -> dict:
     return {"ttft_s": timer.ttft_s, "decode_tokens_per_s": timer.decode_tokens_per_s, "wall_s": wall, "tokens": out[0].tolist()}
 
 
+def outside_turn(short: int, long: int):
+    """A repetition measured from outside: a ``short`` and a ``long`` greedy run, back to back; the
+    long run's figures plus ``outside_tokens_per_s``, the extra tokens over the extra wall time
+    (whatever a call costs besides its decode steps cancels out)."""
+    def turn(worker: "TurnWorker") -> dict:
+        a = worker.ask("run " + json.dumps({"new_tokens": short}))
+        b = worker.ask("run " + json.dumps({"new_tokens": long}))
+        return {**b, "outside_tokens_per_s": (long - short) / (b["wall_s"] - a["wall_s"])}
+    return turn
+
+
 def torchrun_cmd(nproc: int, script: Path, *args: str) -> list[str]:
     """``python -m torch.distributed.run`` of ``script`` with ``nproc`` ranks on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
@@ -147,14 +158,15 @@ class TurnWorker:
         return final
 
 
-def alternate(workers: dict[str, TurnWorker], reps: int) -> dict[str, list[dict]]:
+def alternate(workers: dict[str, TurnWorker], reps: int, turn=None) -> dict[str, list[dict]]:
     """``reps`` repetitions of each worker, each round in the next of all orders (two workers:
     A B, B A, A B, ...; three: each of the six orders in turn), so that no worker always follows
-    the same other one or keeps one place: on a VM a run can depend on the one before it."""
+    the same other one or keeps one place: on a VM a run can depend on the one before it.
+    ``turn(worker)`` is one repetition (default: one ``run``)."""
     names = list(workers)
     orders = list(itertools.permutations(names))
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for i in range(reps):
         for n in orders[i % len(orders)]:
-            runs[n].append(workers[n].ask("run"))
+            runs[n].append(turn(workers[n]) if turn else workers[n].ask("run"))
     return runs

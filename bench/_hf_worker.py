@@ -30,4 +30,5 @@ def peak() -> int:
     return peak_rss_bytes()
 
 
-serve_turns(lambda: timed_generate(model, inputs, new_tokens=new_tokens), lambda: {"peak_memory_bytes": peak()})
+serve_turns(lambda spec=None: timed_generate(model, inputs, new_tokens=(spec or {}).get("new_tokens", new_tokens)),
+            lambda: {"peak_memory_bytes": peak()})

@@ -27,9 +27,9 @@ if pipe.is_driver:
     d0_remote, d0_calls = pipe.driver.remote_s, pipe.driver.calls
     wall = [0.0]
 
-    def run_once() -> dict:
+    def run_once(spec: dict | None = None) -> dict:
         start = time.perf_counter()
-        run = timed_generate(pipe.model, inputs, new_tokens=new_tokens)
+        run = timed_generate(pipe.model, inputs, new_tokens=(spec or {}).get("new_tokens", new_tokens))
         wall[0] += time.perf_counter() - start
         return run
 

@@ -15,7 +15,10 @@ All sides load once, then their repetitions take turns, each round in the next o
 so that a shared machine's drift hits them alike; each ratio is the median of the rounds'
 ratios (use a multiple of 6 repetitions with the floor).
 
-    python bench/bench_decode.py [--new-tokens 128] [--reps 6] [--stages 2] [--no-floor] [--json out.json]
+Decode tokens/s come from the streamer (first to last new token), or with ``--outside 32,160``
+from outside: the extra tokens of a 160-token run over a 32-token one, over the extra wall time.
+
+    python bench/bench_decode.py [--new-tokens 128] [--reps 6] [--stages 2] [--no-floor] [--outside S,L] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import TurnWorker, alternate, dump, median_of, print_table, torchrun_cmd  # noqa: E402
+from _common import TurnWorker, alternate, dump, median_of, outside_turn, print_table, torchrun_cmd  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -71,9 +74,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both stages share the one device)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-floor", action="store_true", help="leave out the bare pipeline (the machine's floor)")
+    ap.add_argument("--outside", metavar="SHORT,LONG",
+                    help="measure decode from outside instead of by the streamer: the extra tokens of a LONG run over a "
+                         "SHORT one (e.g. 32,160) over the extra wall time")
     ap.add_argument("--random-like-default", metavar="DIR",
                     help="use a random-weight model shaped like SmolLM2-135M, written to DIR (for machines without the package)")
     args = ap.parse_args()
+    outside = tuple(int(n) for n in args.outside.split(",")) if args.outside else None
+    if outside is not None and not (len(outside) == 2 and 0 < outside[0] < outside[1]):
+        ap.error(f"--outside takes SHORT,LONG with 0 < SHORT < LONG, not {args.outside!r}")
+    rate = "outside_tokens_per_s" if outside else "decode_tokens_per_s"
 
     from torch_pp.default_model import ensure_default_model
 
@@ -92,21 +102,22 @@ def main() -> None:
         workers["floor"] = TurnWorker(torchrun_cmd(args.stages, HERE / "_bare_pipeline.py", *common, workers["pp"].ready["plan"]), env)
     else:
         print(f"floor left out: {no_floor}", file=sys.stderr)
-    runs = alternate(workers, args.reps)
+    runs = alternate(workers, args.reps, outside_turn(*outside) if outside else None)
     final = {name: worker.close() for name, worker in workers.items()}
     hf, pp = final["hf"], final["pp"]
     for name, side in final.items():
-        side.update(ttft_s=median_of(runs[name], "ttft_s"), decode_tokens_per_s=median_of(runs[name], "decode_tokens_per_s"))
+        side.update(ttft_s=median_of(runs[name], "ttft_s"), decode_tokens_per_s=median_of(runs[name], rate))
 
     def ratios(a: str, b: str) -> list[float]:
         """Each round's decode rate of ``a`` over ``b``: a round's runs share the machine's conditions of the moment."""
-        return [x["decode_tokens_per_s"] / y["decode_tokens_per_s"] for x, y in zip(runs[a], runs[b])]
+        return [x[rate] / y[rate] for x, y in zip(runs[a], runs[b])]
 
     pair_ratios = ratios("pp", "hf")
 
     result = {
         "model": model_dir, "new_tokens": args.new_tokens, "reps": args.reps, "stages": args.stages,
         "threads_per_process": 1, "device": args.device, "dtype": args.dtype,
+        "decode_measured": f"from outside: {outside[0]} vs {outside[1]} new tokens" if outside else "by the streamer, first to last token",
         "baseline_hf": {k: hf[k] for k in ("decode_tokens_per_s", "ttft_s", "peak_memory_bytes")},
         "pipeline": {
             "decode_tokens_per_s": pp["decode_tokens_per_s"], "ttft_s": pp["ttft_s"],
