@@ -122,6 +122,6 @@ else:
             for layer in own:
                 hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions,
                                use_cache=True, **{keyword: cache})
-            # The last rank returns only the hidden state (rank 0 has its own cos, sin and mask).
+            # The last rank sends no mask back (rank 0 has its own; it takes only the hidden state).
             send(pack(hidden, cos, sin, None if nxt == 0 else mask), seq, 0 if nxt == 0 or mask is None else mask_len, nxt)
 dist.destroy_process_group()

@@ -10,13 +10,17 @@ import sys
 from conftest import ROOT, free_port
 
 
-def test_bench_decode_alternates_and_agrees(tiny_models, tmp_path):
+def bench_decode(model, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """bench/bench_decode.py on ``model`` with ``args``: the finished run and its JSON result."""
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_decode.py"), "--model", str(tiny_models["llama"]),
-                          "--new-tokens", "6", "--reps", "3", "--json", str(out)],
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_decode.py"), "--model", str(model), *args, "--json", str(out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return run, json.loads(out.read_text())
+
+
+def test_bench_decode_alternates_and_agrees(tiny_models, tmp_path):
+    run, result = bench_decode(tiny_models["llama"], tmp_path, "--new-tokens", "6", "--reps", "3")
     assert result["same_tokens"] is True
     assert len(result["decode_ratio_per_round"]) == 3 and all(r > 0 for r in result["decode_ratio_per_round"])
     assert [s["layers"] for s in result["pipeline"]["stages"]] == [[0, 2], [2, 4]]
@@ -31,12 +35,7 @@ def test_bench_decode_alternates_and_agrees(tiny_models, tmp_path):
 
 def test_bench_decode_leaves_the_floor_out_for_a_family_it_does_not_cover(tiny_models, tmp_path):
     # Also measured from outside (a 2-token run against a 20-token one), as issue 9 states the decode target.
-    out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_decode.py"), "--model", str(tiny_models["gemma3_text"]),
-                          "--outside", "2,20", "--reps", "2", "--json", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    run, result = bench_decode(tiny_models["gemma3_text"], tmp_path, "--outside", "2,20", "--reps", "2")
     assert "floor" not in result and result["same_tokens"] is True
     assert result["decode_measured"] == "from outside: 2 vs 20 new tokens"
     assert len(result["decode_ratio_per_round"]) == 2 and all(r > 0 for r in result["decode_ratio_per_round"])
