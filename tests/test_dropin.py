@@ -157,6 +157,16 @@ def test_concurrent_generate_calls_from_threads(setup):
             t.join(timeout=120)
         assert errors == []
         assert all(torch.equal(a, b) for a, b in zip(got, wants))
+    # Every call's caches on the stages were dropped once its rank-0 cache was gone.
+    assert [stage["kv_lanes"] for stage in pipe.stats()[1:]] == [0, 0]
+
+
+def test_a_kept_cache_keeps_its_lane_until_it_is_gone(setup):
+    pipe, _, _ = setup
+    kept = pipe.model.generate(PROMPT, return_dict_in_generate=True, **GREEDY).past_key_values
+    assert [stage["kv_lanes"] for stage in pipe.stats()[1:]] == [1, 1]
+    del kept
+    assert [stage["kv_lanes"] for stage in pipe.stats()[1:]] == [0, 0]
 
 
 def test_hidden_states_of_every_layer(setup):

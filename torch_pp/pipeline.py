@@ -320,7 +320,7 @@ def _drive(pipe: Pipeline, o: StartOptions) -> None:
     stage, plan, transport = pipe.stage, pipe.plan, pipe.transport
     turn = DeviceTurn()  # one thread at a time does device work on rank 0
     if stage.span is not None:
-        pipe.driver = Driver(transport, device=pipe.device, freed=stage.span.freed, turn=turn)
+        pipe.driver = Driver(transport, device=pipe.device, freed=stage.span.take_freed, turn=turn)
         stage.span.runner = pipe.driver.run_remote
         if transport.monitor is not None and not transport.monitor.exit_on_loss:
             transport.monitor.on_lost = pipe.driver.stage_lost

@@ -88,8 +88,8 @@ class LocalLayers:
 
     def _begin(self, st, cache: DynamicCache, hidden: torch.Tensor, kwargs: dict) -> None:
         """At the first local layer: the lane, its slot, and a replay of the whole step if it can be one."""
-        while self._lanes.freed:  # caches gone since the last forward (the caller holds rank 0's device turn)
-            self.runner.free(self._lanes.freed.popleft())
+        for lane in self._lanes.take_freed():  # caches gone since the last forward (the caller holds rank 0's device turn)
+            self.runner.free(lane)
         past_len = cache.get_seq_length(self.indices.start)
         for idx in sentinel_layers(cache, self.indices):
             stand_in(cache, idx, hidden)

@@ -63,22 +63,38 @@ def layer_arguments(layer: nn.Module) -> frozenset[str] | None:
 
 
 class CacheLanes:
-    """Lane ids of rank-0 KV cache objects: a new one for each object on first sight; when an object
-    is garbage-collected its id is queued in ``freed`` (appended by finalizers, in any thread)."""
+    """Lane ids of rank-0 KV cache objects: a new one for each object on first sight; once an
+    object is garbage-collected, ``take_freed`` hands its id back (once), from any thread.
+
+    Deliberately no finalizer and no ``WeakKeyDictionary``: their callbacks are Python code that
+    runs wherever the cache dies, which is the end of every ``generate()``; a Ctrl-C landing
+    there is printed as "Exception ignored" and dropped by CPython. Plain weak references
+    without callbacks run nothing, and dead ones are found when the lanes are next used.
+    """
 
     def __init__(self) -> None:
-        self.freed: collections.deque[int] = collections.deque()
-        self._lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lanes: dict[int, tuple[weakref.ref, int]] = {}  # id(cache) -> (weak ref, lane)
+        self._orphans: list[int] = []  # lanes whose id() a new cache took before they were handed back
         self._ids = itertools.count(1)  # lane 0: forwards without a cache
         self._lock = threading.Lock()
 
     def lane_of(self, cache) -> int:
         with self._lock:
-            lane = self._lanes.get(cache)
-            if lane is None:
-                lane = self._lanes[cache] = next(self._ids)
-                weakref.finalize(cache, self.freed.append, lane)
+            entry = self._lanes.get(id(cache))
+            if entry is not None and entry[0]() is cache:
+                return entry[1]
+            if entry is not None:  # the id of a dead cache, reused
+                self._orphans.append(entry[1])
+            lane = next(self._ids)
+            self._lanes[id(cache)] = (weakref.ref(cache), lane)
         return lane
+
+    def take_freed(self) -> list[int]:
+        """The lanes whose cache is gone since the last call."""
+        with self._lock:
+            dead = [key for key, (ref, _) in self._lanes.items() if ref() is None]
+            freed, self._orphans = [*self._orphans, *(self._lanes.pop(key)[1] for key in dead)], []
+        return freed
 
 
 def positional_names(layer: nn.Module) -> tuple[str, ...]:
@@ -94,8 +110,8 @@ class RemoteSpan:
 
     Every KV cache object on rank 0 gets its own lane (its own caches on the stages), so
     concurrent ``generate()`` calls from several threads never share stage caches, and a
-    call that continues from a returned ``past_key_values`` finds its lane again. When a
-    cache object is garbage-collected its lane id is queued in ``freed`` for the driver to
+    call that continues from a returned ``past_key_values`` finds its lane again. Once a
+    cache object is garbage-collected, ``take_freed`` gives its lane to the driver to
     release on the stages.
 
     Args:
@@ -109,7 +125,7 @@ class RemoteSpan:
         self.accepts = accepts
         self.runner: Runner | None = None
         self._lanes = CacheLanes()
-        self.freed = self._lanes.freed
+        self.take_freed = self._lanes.take_freed
         # Per thread: several threads may run forwards at once.
         self._local = threading.local()
 
@@ -313,11 +329,11 @@ class StageRunner:
     def figures(self) -> dict:
         """How this stage's decode steps ran: ``graphs`` (on, eager slots, or off), slots made, and
         decode steps replayed from captured pieces, run eagerly in a slot, or run eagerly in a
-        dynamic cache."""
+        dynamic cache; and ``kv_lanes``, the sequences whose KV cache it holds now."""
         if self.slots is None:
-            return {"graphs": "off"}
+            return {"graphs": "off", "kv_lanes": len(self.caches)}
         made = sum(len(free) for free in self.slots.values()) + sum(isinstance(c, graphs.Slot) for c, _ in self.caches.values())
-        return {"graphs": "on" if self._slot_args["capture"] else "eager", "slots": made,
+        return {"graphs": "on" if self._slot_args["capture"] else "eager", "kv_lanes": len(self.caches), "slots": made,
                 "graph_steps": self._steps["graph_steps"], "slot_steps": self._steps["slot_steps"],
                 "eager_steps": self._steps["eager_steps"]}
 

@@ -9,7 +9,7 @@ and is raised there, while every stage stays ready for the next request or SHUTD
 
 from __future__ import annotations
 
-import collections
+import collections.abc
 import contextlib
 import itertools
 import os
@@ -73,13 +73,13 @@ class Driver:
     Args:
         transport: The ring's link (see ``net.link.Link``).
         device: Rank 0's device.
-        freed: Lanes whose rank-0 cache is gone (filled by ``RemoteSpan``); the driver tells
-            the stages to drop them with its next send.
+        freed: Returns the lanes whose rank-0 cache is gone since it was last called
+            (``RemoteSpan.take_freed``); the driver tells the stages to drop them with its next send.
         turn: Rank 0's device turn: given up while a thread waits on the wire, so that one
             thread at a time does device work (see ``devices.turn.DeviceTurn``).
     """
 
-    def __init__(self, transport: Link, *, device: torch.device, freed: collections.deque | None = None,
+    def __init__(self, transport: Link, *, device: torch.device, freed: collections.abc.Callable[[], list[int]] | None = None,
                  turn: DeviceTurn | None = None) -> None:
         self.transport = transport
         self.device = device
@@ -88,7 +88,7 @@ class Driver:
         self.calls = 0
         self.tracer = Tracer()
         self.outbox = Outbox(device)
-        self.freed = freed if freed is not None else collections.deque()
+        self.take_freed = freed or list
         self._local = threading.local()  # per thread: start of rank 0's current compute stretch
         self._send_lock = threading.Lock()
         self._request_ids = itertools.count(1)
@@ -167,24 +167,26 @@ class Driver:
 
     def release_freed(self) -> None:
         """Tell the stages now to drop the lanes whose caches are gone (sends normally carry this along)."""
-        if self.freed and not self.lost:
-            self._send(None)
+        if not self.lost:
+            with self._flight(), self._send_lock:
+                self._send_free()
 
-    def _send(self, message: Message | None) -> None:
+    def _send_free(self) -> None:
+        """A FREE for the lanes gone since the last send, if any (the caller holds the send lock)."""
+        lanes = self.take_freed()
+        if lanes:
+            self.transport.send(Message(Op.FREE, {"lanes": lanes}), dst=1)
+
+    def _send(self, message: Message) -> None:
         with self._flight():
             self._put(message)
 
-    def _put(self, message: Message | None) -> None:
+    def _put(self, message: Message) -> None:
         """One send to rank 1 (after any pending FREE), serialised between threads, traced."""
         with self._send_lock:
             t0 = now()
-            lanes = []
-            while self.freed:
-                lanes.append(self.freed.popleft())
-            if lanes:
-                self.transport.send(Message(Op.FREE, {"lanes": lanes}), dst=1)
-            if message is not None:
-                self.transport.send(message, dst=1)
+            self._send_free()
+            self.transport.send(message, dst=1)
         self.tracer.add("send", t0, now())
 
     def stage_lost(self, verdict: str) -> None:
