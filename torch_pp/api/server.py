@@ -64,10 +64,15 @@ def _serve_until_signal(server, *, on_ready) -> None:
     thread.start()
     try:
         announced = False
-        while thread.is_alive() and not stop.wait(0.05):
+        while True:
+            stopping = not thread.is_alive() or stop.wait(0.05)
+            # Checked after the wait too: a stop can come as soon as it listens (a client that saw
+            # it answer), and the line saying where it served must still be printed.
             if server.started and not announced:
                 on_ready()
                 announced = True
+            if stopping:
+                break
         server.should_exit = True
         thread.join(timeout=15)
     finally:
