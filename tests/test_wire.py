@@ -41,7 +41,7 @@ def test_pack_unpack_round_trip(frame_bytes, inline):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("device", sorted({"meta", TEST_DEVICE} - {"cpu"}))
+@pytest.mark.parametrize("device", sorted({"meta", "cpu", TEST_DEVICE}))
 def test_a_stage_places_small_messages_in_kept_buffers(device):
     """A decode step's tensors reach the device in one copy, into the buffer kept for their layout
     (values checked on a real device, TORCH_PP_TEST_DEVICE; on the meta device the bookkeeping)."""
