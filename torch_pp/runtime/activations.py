@@ -2,7 +2,10 @@
 
 HF passes each decoder layer the same few tensors (mask, position ids, rotary
 cos/sin). They are sent once each and referenced by slot; per-layer argument
-dicts that are identical share one template. Pure functions, no communication.
+dicts that are identical share one template. Which layer gets which template and
+what each template holds is the same at every decode step, so it travels as one
+JSON string (``args``), made once per structure on the sender and parsed once per
+structure on the receiver. Pure functions, no communication.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import operator
 import torch
 
 _SCALARS = (bool, int, float, str, type(None))
+
+
+_ARGS: dict[tuple, str] = {}  # a step's structure -> its ``args`` JSON (see ``encode``)
+_ARGS_KEPT = 256
 
 
 def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool) -> tuple[dict, list[torch.Tensor]]:
@@ -32,32 +39,40 @@ def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int
             tensors.append(t)
         return slot_of[key]
 
-    def enc(name: str, value):
+    def enc(name: str, value) -> tuple:
         if isinstance(value, torch.Tensor):
-            return {"t": slot(value)}
+            return (name, "t", slot(value))
         if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
-            return {"tt": [slot(v) for v in value]}
+            return (name, "tt", tuple(slot(v) for v in value))
         if isinstance(value, _SCALARS):
-            return {"v": value}
+            return (name, "v", type(value), value)  # the type too: True == 1, but they are sent apart
         raise TypeError(f"decoder layer argument {name!r} of type {type(value).__name__} cannot be sent between stages")
 
     # Layers usually get the very same objects: group them by identity, encode each group once.
-    templates: list[str] = []
+    templates: list[tuple] = []
     key_to_template: dict[tuple, int] = {}
-    layer_template: dict[str, int] = {}
+    chosen: list[int] = []
     previous, template = None, -1
-    for idx, kwargs in layer_kwargs.items():
+    for kwargs in layer_kwargs.values():
         # The usual case first, and the cheap test: the very objects the layer before was given.
         if previous is None or not _same(kwargs, previous):
             key = tuple((k, type(v), v) if isinstance(v, _SCALARS) else (k, tuple(map(id, v)) if isinstance(v, tuple) else id(v))
                         for k, v in kwargs.items())
             if key not in key_to_template:
                 key_to_template[key] = len(templates)
-                templates.append(json.dumps({k: enc(k, v) for k, v in sorted(kwargs.items())}, separators=(",", ":")))
+                templates.append(tuple(enc(k, v) for k, v in sorted(kwargs.items())))
             previous, template = kwargs, key_to_template[key]
-        layer_template[str(idx)] = template
-    meta = {"past_len": past_len, "use_cache": use_cache, "templates": templates, "layers": layer_template}
-    return meta, tensors
+        chosen.append(template)
+    structure = (tuple(layer_kwargs), tuple(chosen), tuple(templates))
+    args = _ARGS.get(structure)
+    if args is None:
+        args = json.dumps({"layers": list(layer_kwargs), "chosen": chosen,
+                           "templates": [[[name, kind, value[-1]] for name, kind, *value in t] for t in templates]},
+                          separators=(",", ":"))
+        if len(_ARGS) >= _ARGS_KEPT:
+            _ARGS.clear()
+        _ARGS[structure] = args
+    return {"past_len": past_len, "use_cache": use_cache, "args": args}, tensors
 
 
 def _same(kwargs: dict, other: dict) -> bool:
@@ -66,21 +81,18 @@ def _same(kwargs: dict, other: dict) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _template(doc: str) -> dict:
-    """A parsed template (read only): every decode step sends the same few."""
-    return json.loads(doc)
+def _args(doc: str) -> tuple:
+    """A step's structure, parsed once (read only): ``((layer, template index)..., templates)``."""
+    parsed = json.loads(doc)
+    templates = tuple(tuple((name, kind, tuple(value) if kind == "tt" else value) for name, kind, value in t)
+                      for t in parsed["templates"])
+    return tuple(zip(parsed["layers"], parsed["chosen"])), templates
 
 
 def decode(meta: dict, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, dict], int, bool]:
     """Inverse of ``encode``: ``(hidden, layer_kwargs, past_len, use_cache)``, built from ``tensors``
     where they are (a stage places them on its device first: see ``devices.copies.Inbox``)."""
-    def dec(value: dict):
-        if "t" in value:
-            return tensors[value["t"]]
-        if "tt" in value:
-            return tuple(tensors[s] for s in value["tt"])
-        return value["v"]
-
-    built = [{k: dec(v) for k, v in _template(doc).items()} for doc in meta["templates"]]
-    layer_kwargs = {int(idx): built[ti] for idx, ti in meta["layers"].items()}
-    return tensors[0], layer_kwargs, int(meta["past_len"]), bool(meta["use_cache"])
+    layers, templates = _args(meta["args"])
+    built = [{name: tensors[value] if kind == "t" else tuple(tensors[s] for s in value) if kind == "tt" else value
+              for name, kind, value in t} for t in templates]
+    return tensors[0], {idx: built[t] for idx, t in layers}, int(meta["past_len"]), bool(meta["use_cache"])
