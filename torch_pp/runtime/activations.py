@@ -19,10 +19,6 @@ import torch
 _SCALARS = (bool, int, float, str, type(None))
 
 
-_ARGS: dict[tuple, str] = {}  # a step's structure -> its ``args`` JSON (see ``encode``)
-_ARGS_KEPT = 256
-
-
 def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool) -> tuple[dict, list[torch.Tensor]]:
     """Turn a hidden state and per-layer kwargs into ``(meta, tensors)`` for a message.
 
@@ -63,16 +59,16 @@ def encode(hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int
                 templates.append(tuple(enc(k, v) for k, v in sorted(kwargs.items())))
             previous, template = kwargs, key_to_template[key]
         chosen.append(template)
-    structure = (tuple(layer_kwargs), tuple(chosen), tuple(templates))
-    args = _ARGS.get(structure)
-    if args is None:
-        args = json.dumps({"layers": list(layer_kwargs), "chosen": chosen,
-                           "templates": [[[name, kind, value[-1]] for name, kind, *value in t] for t in templates]},
-                          separators=(",", ":"))
-        if len(_ARGS) >= _ARGS_KEPT:
-            _ARGS.clear()
-        _ARGS[structure] = args
+    args = _args_doc(tuple(layer_kwargs), tuple(chosen), tuple(templates))
     return {"past_len": past_len, "use_cache": use_cache, "args": args}, tensors
+
+
+@functools.lru_cache(maxsize=256)
+def _args_doc(layers: tuple[int, ...], chosen: tuple[int, ...], templates: tuple[tuple, ...]) -> str:
+    """A step's structure as ``args`` JSON, made once per structure (see ``encode``)."""
+    return json.dumps({"layers": list(layers), "chosen": list(chosen),
+                       "templates": [[[name, kind, value[-1]] for name, kind, *value in t] for t in templates]},
+                      separators=(",", ":"))
 
 
 def _same(kwargs: dict, other: dict) -> bool:
