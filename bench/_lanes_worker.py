@@ -2,7 +2,8 @@
 
 Each turn (``run {"batch", "lanes", "new"}``) reports the wall time, rank 0's CPU seconds, every
 stage's compute seconds in the run (from its spans) and the tokens. The second argument is a
-``balance`` or a manual plan (``0:12,12:30``), the third the dtype.
+``balance`` or a manual plan (``0:12,12:30``), the third the dtype, the fourth ``auto``, ``on`` or
+``off``: the LM head split with the last stage.
 """
 
 import os
@@ -17,9 +18,10 @@ from _common import load_tokenizer, make_inputs, serve_turns  # noqa: E402
 from torch_pp import perf  # noqa: E402
 from torch_pp.trace import now  # noqa: E402
 
-model_dir, balance, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
+model_dir, balance, dtype, split = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
-pipe = torch_pp.start(model_dir, **({"layers": balance} if ":" in balance else {"balance": balance}), dtype=dtype, progress=False)
+pipe = torch_pp.start(model_dir, **({"layers": balance} if ":" in balance else {"balance": balance}), dtype=dtype, progress=False,
+                      split_head={"auto": None, "on": True, "off": False}[split])
 if pipe.is_driver:
     tok = load_tokenizer(model_dir)
 

@@ -22,6 +22,7 @@ number of lanes: one thread at a time does device work, see ``devices.turn.Devic
 Runs alternate (1 lane, L lanes, L lanes, 1 lane, ...) after a warm-up; medians are reported.
 
     python bench/bench_lanes.py [--batches 8,64] [--lanes 2] [--tokens 8,40] [--reps 3] [--balance compute] [--dtype bfloat16]
+        [--split-head auto|on|off]
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32",
                     help="float32, or bfloat16 (on a CPU without bf16 instructions, compute-bound)")
     ap.add_argument("--balance", default="compute", help="compute, memory, even, or a manual plan such as 0:12,12:30")
+    ap.add_argument("--split-head", choices=["auto", "on", "off"], default="auto",
+                    help="the LM head split between rank 0 and the last stage (auto: start()'s default)")
     ap.add_argument("--json", help="also write the JSON result here")
     args = ap.parse_args()
 
@@ -55,9 +58,9 @@ def main() -> None:
 
     model_dir = args.model or str(ensure_default_model())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = TurnWorker(torchrun_cmd(args.stages, HERE / "_lanes_worker.py", model_dir, args.balance, args.dtype), env)
+    worker = TurnWorker(torchrun_cmd(args.stages, HERE / "_lanes_worker.py", model_dir, args.balance, args.dtype, args.split_head), env)
     result = {"model": model_dir, "stages": args.stages, "lanes": args.lanes, "tokens": args.tokens,
-              "reps": args.reps, "balance": args.balance, "dtype": args.dtype, "batches": {}}
+              "reps": args.reps, "balance": args.balance, "dtype": args.dtype, "split_head": args.split_head, "batches": {}}
     short, long = map(int, args.tokens.split(","))
     for batch in map(int, args.batches.split(",")):
         def decode(lanes: int) -> dict:

@@ -1,8 +1,9 @@
 """Rank 0's model is a drop-in for its transformers class: the HF ecosystem's own callers give
 transformers' results through a real 3-stage pipeline, or a clear refusal that names the option.
 
-One pipeline (this process is rank 0, two local worker processes) serves the whole module; the
-reference is the same checkpoint in one process, on the same device (``TORCH_PP_TEST_DEVICE``) in float32.
+One pipeline (this process is rank 0, two local worker processes) serves the whole module, its LM
+head split between rank 0 and the last stage; the reference is the same checkpoint in one process,
+on the same device (``TORCH_PP_TEST_DEVICE``) in float32.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def setup(tmp_path_factory):
     tok = word_tokenizer()
     tok.save_pretrained(path)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(TEST_DEVICE).eval()
-    pipe = torch_pp.local_pipeline(path, stages=3, progress=False, layers="0:2,2:4,4:5", dtype="float32")
+    # The LM head split (rank 0 and stage 2 each multiply half its rows): every caller below takes that path.
+    pipe = torch_pp.local_pipeline(path, stages=3, progress=False, layers="0:2,2:4,4:5", dtype="float32", split_head=True)
     yield pipe, ref, tok
     pipe.close()
 
@@ -281,3 +283,51 @@ def test_one_thread_at_a_time_computes_on_rank_0(setup):
     assert len(spans) >= 3 * 10
     overlaps = [(x, y) for x, y in zip(spans, spans[1:]) if y[0] < x[1] - 1e-6]
     assert overlaps == [], f"{len(overlaps)} of {len(spans)} compute spans overlap"
+
+
+def test_the_split_head_joined_every_step_it_split(setup):
+    """Rank 0 and the last stage each multiplied their rows of the head for every token of a call, and
+    HF's lm_head returned the joined logits every time (no fallback to multiplying it whole)."""
+    pipe, ref, _ = setup
+    kw = dict(GREEDY, return_dict_in_generate=True, output_logits=True)
+    span = pipe.stage.span
+    head, span.head = span.head, None  # rank 0 multiplies the whole head, as without the split
+    try:
+        whole = pipe.model.generate(PROMPT, **kw)
+    finally:
+        span.head = head
+    before = pipe.stats()
+    ours, theirs = pipe.model.generate(PROMPT, **kw), ref.generate(PROMPT, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert len(ours.logits) == 10 and all(torch.equal(a, b) for a, b in zip(ours.logits, whole.logits))  # bit for bit
+    after = pipe.stats()
+    assert (after[0]["head_rows"], after[2]["head_rows"]) == (VOCAB // 2, VOCAB - VOCAB // 2)
+    assert "head_rows" not in after[1]
+    assert after[0]["head_steps"] - before[0]["head_steps"] == 10  # the prompt's last position, then 9 tokens
+    assert after[2]["head_steps"] - before[2]["head_steps"] == 10
+    assert after[0]["head_fallbacks"] == 0
+    # The last stage read only its rows of the head (and the final norm) besides its layer.
+    layer = sum(p.numel() for p in ref.model.layers[4].parameters())
+    assert after[2]["weight_bytes"] == 4 * (layer + (VOCAB - VOCAB // 2) * 64 + 64)
+
+
+def test_a_stage_that_cannot_multiply_its_head_rows_answers_with_an_error_naming_it(setup):
+    from torch_pp.model.head import TailHead
+    from torch_pp.model.stage import StageRunner
+    from torch_pp.net.wire import Op
+    from torch_pp.runtime.serve import _tail_logits
+
+    _, ref, _ = setup
+    runner = StageRunner({4: ref.model.layers[4]}, ref.config)
+    hidden = torch.randn(1, 1, 64, device=TEST_DEVICE)
+    reply = _tail_logits(runner, hidden, 7, where="stage 2 on vm")
+    assert reply.op == Op.ERROR and reply.meta["req"] == 7 and "stage 2 on vm" in reply.meta["error"]
+    assert "split_head" in reply.meta["error"]
+    runner.tail = TailHead(ref.model.norm, torch.nn.Linear(32, 128, bias=False).to(TEST_DEVICE))  # rows of the wrong width
+    reply = _tail_logits(runner, hidden, 8, where="stage 2 on vm")
+    assert reply.op == Op.ERROR and reply.meta["req"] == 8 and "rows of the LM head" in reply.meta["error"]
+    runner.tail = TailHead(ref.model.norm, ref.lm_head)
+    reply = _tail_logits(runner, hidden, 9, where="stage 2 on vm")
+    assert reply.op == Op.RESULT and reply.meta["req"] == 9 and reply.meta["compute_s"] > 0
+    with torch.no_grad():
+        assert torch.equal(reply.tensors[0], ref.lm_head(ref.model.norm(hidden)))

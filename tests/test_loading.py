@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from tiny_models import write_tiny_model
 from torch_pp.devices import DeviceError, pick_dtype
@@ -64,3 +65,52 @@ def test_a_stage_reads_only_its_tensors_through_the_conversion(tmp_path, arch, r
     assert mine and all(torch.equal(p, ref[n]) for n, p in mine.items())
     owned = {n for n in ref if not n.startswith("model.layers.") or int(n.split(".")[2]) in plan.layers_of(rank)}
     assert set(mine) == (owned if rank == 0 else {n for n in owned if n.startswith("model.layers.")})
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # a head of its own; a head tied to the embedding
+def test_the_last_stage_of_a_split_head_reads_only_its_rows(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    from torch_pp.model import loading
+
+    folder = write_tiny_model(arch, tmp_path / arch)
+    plan, cut = even_plan(num_layers=4, num_stages=2), 128
+    reads = []
+    original = loading.SafetensorsReader.read
+
+    def recording(self, key, *, first_row=0):
+        out = original(self, key, first_row=first_row)
+        reads.append((key, first_row, tuple(out.shape)))
+        return out
+
+    from unittest import mock
+
+    with mock.patch.object(loading.SafetensorsReader, "read", recording):
+        last = loading.load_stage(folder, plan=plan, rank=1, device=torch.device("cpu"), dtype=torch.float32, progress=False,
+                                  head_cut=cut)
+    head_key = "model.embed_tokens.weight" if arch == "qwen2" else "lm_head.weight"
+    assert [r for r in reads if not r[0].startswith("model.layers.")] == [(head_key, cut, (256 - cut, 64)),
+                                                                          ("model.norm.weight", 0, (64,))]
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    mine = dict(last.model.named_parameters())
+    assert torch.equal(mine["lm_head.weight"], ref.lm_head.weight[cut:]) and torch.equal(mine["model.norm.weight"], ref.model.norm.weight)
+    hidden = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        assert torch.equal(last.runner.tail.logits(hidden), F.linear(ref.model.norm(hidden), ref.lm_head.weight[cut:]))
+    first = loading.load_stage(folder, plan=plan, rank=0, device=torch.device("cpu"), dtype=torch.float32, progress=False,
+                               head_cut=cut)
+    # Rank 0 splits steps of those row counts (sequences x positions) whose parts this CPU multiplies
+    # exactly as the whole head; checked here on other inputs.
+    weight, gen = ref.lm_head.weight.detach(), torch.Generator().manual_seed(123)
+    exact = set()
+    for m in range(1, 9):
+        x = 3 * torch.randn(m, 1, 64, generator=gen)
+        whole = F.linear(x, weight)
+        if torch.equal(whole[..., :cut], F.linear(x, weight[:cut])) and torch.equal(whole[..., cut:], F.linear(x, weight[cut:])):
+            exact.add(m)
+    assert first.span.head is first.head
+    assert (first.head is None) if not exact else (first.head.rows == exact and first.head.cut == cut)
+    if first.head is not None:
+        with torch.no_grad():
+            assert first.head.wants(1, 1) == (1 in exact) and not first.head.wants(9, 1) and not first.head.wants(1, 0)
+        assert not first.head.wants(1, 1)  # with gradients on, HF's lm_head multiplies (autograd records it)

@@ -34,7 +34,9 @@ def test_peak_rss_stays_at_the_share(tmp_path):
         shares.append(r["share"])
         assert r["share"] < 0.75 * total, f"rank {rank} holds {r['share']} of {total} bytes"
         assert added <= 1.15 * r["share"] + SLACK, f"rank {rank}: peak grew {added / 2**20:.0f} MiB for a {r['share'] / 2**20:.0f} MiB share"
-    assert abs(sum(shares) - total) < 0.01 * total
+    # On CPUs the 16,000-row head is split: rank 1 also holds (and read alone) its 8,000 rows and the final norm.
+    assert r["head_rows"] == 8000
+    assert abs(sum(shares) - total - 4 * (8000 * 768 + 768)) < 0.01 * total
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -44,7 +46,8 @@ def test_a_quantized_stage_peaks_at_its_quantized_share(tmp_path, mode):
     run = torchrun(2, [str(WORKERS / "rss_worker.py"), str(folder)], env={"OUT": str(tmp_path), "QUANTIZE": mode}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    r = json.loads((tmp_path / "rss1.json").read_text())  # rank 1: decoder layers only, all linear weights int8
-    assert r["share"] < {"int8": 0.3, "int4": 0.2}[mode] * total / 2, f"rank 1 holds {r['share']} bytes of a {total}-byte fp32 model"
+    r = json.loads((tmp_path / "rss1.json").read_text())  # rank 1: decoder layers, all linear weights int8
+    layers = r["share"] - 4 * (r["head_rows"] * 768 + 768)  # and its rows of the split head, which stay float32
+    assert layers < {"int8": 0.3, "int4": 0.2}[mode] * total / 2, f"rank 1 holds {layers} bytes of layers of a {total}-byte fp32 model"
     added = r["peak"] - r["baseline"]
     assert added <= 1.15 * r["share"] + SLACK, f"peak grew {added / 2**20:.0f} MiB for a {r['share'] / 2**20:.0f} MiB share"

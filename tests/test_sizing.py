@@ -14,7 +14,8 @@ from conftest import ROOT, torchrun
 from tiny_models import ARCHS, tiny_config
 from torch_pp.placement.plan import PlanError, parse_layers
 from torch_pp.options import parse_bytes
-from torch_pp.placement.sizing import ModelSizes, choose_plan, compute_plan, measured_plan, memory_plan, model_sizes, stage_needs
+from torch_pp.placement.sizing import (ModelSizes, choose_plan, compute_plan, head_split, measured_plan, memory_plan, model_sizes,
+                                      stage_needs)
 
 GiB = 2**30
 
@@ -128,6 +129,45 @@ def test_compute_plan_gives_rank0_fewer_layers_for_its_head():
     assert compute_plan(sizes, num_stages=1).ranges == ((0, 30),)
     # head = 8.0 layers of work: (8 + 11) vs 19 layers
     assert compute_plan(sizes, num_stages=2).ranges == ((0, 11), (11, 30))
+
+
+def test_the_head_is_split_automatically_only_where_it_pays():
+    sizes = model_sizes(smollm2_shaped())
+    assert sizes.head_rows == 49152 and sizes.head_cut == 0
+    cpus = dict(num_stages=2, devices=["cpu", "cpu"], wanted=None)
+    split = head_split(sizes, dtype="float32", **cpus)
+    assert split.head_cut == 24576 and split.tail_params == 24576 * 576  # 56.6 MB of float32 rows on the last stage
+    assert head_split(sizes, dtype="bfloat16", **cpus).head_cut == 24576  # 28 MB: still over 1 ms of a CPU's reads
+    # Accelerators multiply such a part in well under the extra message's cost; one stage has no one to split with.
+    assert head_split(sizes, dtype="float32", num_stages=2, devices=["cpu", "cuda:0"], wanted=None).head_cut == 0
+    assert head_split(sizes, dtype="float32", num_stages=2, devices=["mps", "mps"], wanted=None).head_cut == 0
+    assert head_split(sizes, dtype="float32", num_stages=1, devices=["cpu"], wanted=True).head_cut == 0
+    assert head_split(sizes, dtype="float32", num_stages=2, devices=["cuda:0", "cuda:1"], wanted=True).head_cut == 24576
+    assert head_split(sizes, dtype="float32", wanted=False, num_stages=2, devices=["cpu", "cpu"]).head_cut == 0
+    # A small head is not worth the message: the tiny test models' 256 rows.
+    tiny = model_sizes(tiny_config("llama"))
+    assert head_split(tiny, dtype="float32", **cpus).head_cut == 0
+    assert head_split(tiny, dtype="float32", num_stages=3, devices=["cpu"] * 3, wanted=True).head_cut == 128
+
+
+def test_a_split_head_moves_its_rows_to_the_last_stage():
+    sizes = model_sizes(smollm2_shaped())
+    split = head_split(sizes, dtype="float32", num_stages=3, devices=["cpu"] * 3, wanted=True)
+    plan = parse_layers("0:10,10:20,20:30", num_layers=30)
+    whole, halves = (stage_needs(s, plan, dtype="float32", context=128, batch=1) for s in (sizes, split))
+    assert [h.weight_bytes - w.weight_bytes for w, h in zip(whole, halves)] == [0, 0, 24576 * 576 * 4]
+    # rank 0 keeps the embedding (the tied head's matrix) whole; work per token is what moves
+    assert compute_plan(split, num_stages=2).ranges == ((0, 15), (15, 30))
+    assert memory_plan(split, available=[8 * GiB] * 2, dtype="float32", context=128, batch=1, reserve=0).ranges[1][0] < 30
+
+
+def test_a_head_that_cannot_be_split_is_refused_when_asked():
+    config = tiny_config("llama")
+    config.vocab_size = 100  # fewer than two blocks of rows
+    sizes = model_sizes(config)
+    with pytest.raises(PlanError, match="split_head=True"):
+        head_split(sizes, dtype="float32", num_stages=2, devices=["cpu", "cpu"], wanted=True)
+    assert head_split(sizes, dtype="float32", num_stages=2, devices=["cpu", "cpu"], wanted=None).head_cut == 0
 
 
 def random_splits(seed: int):
@@ -263,6 +303,11 @@ def test_plan_cli_compute_balance(tmp_path):
     out = plan_cli(tmp_path, "--memory", "4GiB,4GiB", "--dtype", "float32", "--balance", "compute", "--output", "json")
     assert out.returncode == 0, out.stderr
     assert [s["layers"] for s in json.loads(out.stdout)["stages"]] == [[0, 11], [11, 30]]
+    split = plan_cli(tmp_path, "--memory", "4GiB,4GiB", "--dtype", "float32", "--balance", "compute", "--split-head",
+                     "--output", "json")
+    stages = json.loads(split.stdout)["stages"]
+    assert [s["layers"] for s in stages] == [[0, 15], [15, 30]]
+    assert stages[1]["weight_bytes"] == 15 * model_sizes(smollm2_shaped()).layer_params[0] * 4 + 24576 * 576 * 4
 
 
 def test_budget_failure_before_loading_under_torchrun(tiny_models):

@@ -62,21 +62,26 @@ def test_two_stages_equal_single_process_transformers(smol_run):
     stages = result["stages"]
     assert [s["rank"] for s in stages] == [0, 1]
     assert [s["layers"] for s in stages] == [[0, 15], [15, 30]]
+    # On CPUs the LM head (49,152 rows, a fifth of the weights) is split by default: half on each stage.
+    assert [s.get("head_rows") for s in stages] == [24576, 24576]
     assert all(s["device"].split(":")[0] == TEST_DEVICE and s["dtype"] == "float32" and s["peak_memory_bytes"] > 0 for s in stages)
     assert result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
 
 
 def test_compute_balance_moves_layers_off_rank0_with_the_same_tokens(smol_run, torch_pp_cache):
+    """With the whole LM head on rank 0 (not split), compute balance gives rank 0 fewer layers; the
+    tokens are those of the default run, whose head is split."""
     run, _ = smol_run
     balanced = torchrun(
         2,
         ["torch_pp", "generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "24", "--output", "json",
-         "--balance", "compute", "--no-progress", "--dtype", "float32"],
+         "--balance", "compute", "--no-split-head", "--no-progress", "--dtype", "float32"],
         module=True, env={"TORCH_PP_CACHE": str(torch_pp_cache)}, timeout=300,
     )
     assert balanced.returncode == 0, balanced.stderr[-3000:]
     result = json.loads(balanced.stdout.strip().splitlines()[-1])
     assert [s["layers"] for s in result["stages"]] == [[0, 11], [11, 30]]  # rank 0 also multiplies the LM head
+    assert all("head_rows" not in s for s in result["stages"])
     assert result["token_ids"] == json.loads(run.stdout.strip().splitlines()[-1])["token_ids"]
 
 

@@ -17,7 +17,9 @@ ATOL = 1e-5  # fp32 tolerance; in practice the logits are bit-identical
 def split_run(request, tiny_models, tmp_path_factory):
     n = request.param
     out = tmp_path_factory.mktemp(f"split{n}")
-    run = torchrun(n, [str(WORKERS / "split_worker.py"), *map(str, tiny_models.values())], env={"OUT": str(out)}, timeout=600)
+    # With 2 and 4 stages the LM head is split between rank 0 and the last stage; with 3 it stays whole.
+    env = {"OUT": str(out), **({"SPLIT_HEAD": "1"} if n in (2, 4) else {})}
+    run = torchrun(n, [str(WORKERS / "split_worker.py"), *map(str, tiny_models.values())], env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-6000:]
     report = json.loads((out / "report.json").read_text())
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
@@ -42,6 +44,12 @@ def test_split_equals_whole(split_run, arch, fmt):
     assert r["beam_error"] and "beam search" in r["beam_error"]
     assert r["after_beam_ok"]
     assert [s["rank"] for s in r["stats"]] == list(range(n))
+    first, last = r["stats"][0], r["stats"][-1]
+    if n in (2, 4):  # every generate() step's logits were joined from both parts, none multiplied whole instead
+        assert (first["head_rows"], last["head_rows"]) == (128, 128), r["stats"]
+        assert first["head_steps"] == last["head_steps"] >= 100 and first["head_fallbacks"] == 0, r["stats"]
+    else:
+        assert "head_rows" not in first and "head_rows" not in last
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -62,6 +70,8 @@ def test_each_rank_holds_only_its_share(split_run, tiny_models, arch):
         outside = [p for p in entry["params"] if not p.startswith("model.layers.")]
         if rank == 0:
             assert "model.embed_tokens.weight" in outside and "model.norm.weight" in outside
+        elif rank == n - 1 and n in (2, 4):  # its rows of the split head, and the final norm before them
+            assert outside == ["lm_head.weight", "model.norm.weight"], f"rank {rank} holds {outside}"
         else:
             assert outside == [], f"rank {rank} holds {outside}"
     assert seen_layers == set(range(num_layers))

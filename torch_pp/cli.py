@@ -34,6 +34,9 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture every stage's decode steps (rank 0's own layers too) as CUDA graphs over caches "
                         "preallocated for --context tokens (default: on for CUDA stages of the models that allow it)")
+    p.add_argument("--split-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="split the LM head's rows between rank 0 and the last stage, which multiply them at once "
+                        "(default: where rank 0 and the last stage are CPUs and the head is large)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--balance", choices=BALANCES, default="memory")
     pl.add_argument("--layers", help="manual plan to check instead")
+    pl.add_argument("--split-head", action="store_true",
+                    help="count the LM head split between rank 0 and the last stage (as a run on CPUs does by default)")
     pl.add_argument("--reserve", default="1GiB", help="runtime overhead per node (default 1GiB)")
     pl.add_argument("--output", choices=["text", "json"], default="text")
     doc = sub.add_parser("doctor", help="check every machine and measure every link (run under torchrun like generate)")
@@ -94,14 +99,16 @@ def run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .placement.config import load_config_only
-    from .placement.sizing import BYTES_PER_PARAM, choose_plan, format_bytes, model_sizes, needs_table, stage_needs
+    from .placement.sizing import (BYTES_PER_PARAM, choose_plan, format_bytes, head_split, model_sizes, needs_table,
+                                   stage_needs)
 
     if args.dtype not in BYTES_PER_PARAM:
         raise OptionsError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
     config, checkpoint_bytes = load_config_only(Path(args.model))
     memory = [parse_bytes(m) for m in args.memory.split(",")]
     reserve = parse_bytes(args.reserve)
-    sizes = model_sizes(config)
+    sizes = head_split(model_sizes(config), num_stages=len(memory), dtype=args.dtype, devices=["cpu"] * len(memory),
+                       wanted=args.split_head)
     plan = choose_plan(sizes, num_stages=len(memory), layers=args.layers, balance=args.balance, available=memory,
                        dtype=args.dtype, context=args.context, batch=args.batch, reserve=reserve, quantize=args.quantize)
     needs = stage_needs(sizes, plan, dtype=args.dtype, context=args.context, batch=args.batch, available=memory, reserve=reserve,
@@ -190,7 +197,7 @@ def start_options(args: argparse.Namespace) -> StartOptions:
     return StartOptions(model=args.model, layers=args.layers, balance=args.balance, context=args.context,
                         max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
                         device=args.device, dtype=args.dtype, progress=not args.no_progress, quantize=args.quantize,
-                        graphs=args.graphs)
+                        graphs=args.graphs, split_head=args.split_head)
 
 
 def preflight(options: StartOptions, world_size: int) -> None:
@@ -258,7 +265,8 @@ def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> 
             "ttft_s": timer.ttft_s,
             "decode_tokens_per_s": timer.decode_tokens_per_s,
             "stages": [
-                {k: s[k] for k in ("rank", "host", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes")}
+                {k: s[k] for k in ("rank", "host", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes",
+                                   "head_rows") if k in s}
                 for s in stages
             ],
         }

@@ -56,6 +56,7 @@ class StartOptions:
     progress: bool = True
     quantize: str | None = None
     graphs: bool | None = None
+    split_head: bool | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -72,8 +73,9 @@ class StartOptions:
             raise OptionsError(f"prefill_chunk must be None (automatic), 0 (off) or a positive token count, not {self.prefill_chunk!r}")
         if self.dtype not in (None, "", "auto", *DTYPE_NAMES):
             raise OptionsError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
-        if self.graphs not in (None, True, False):
-            raise OptionsError(f"graphs must be None (automatic), True or False, not {self.graphs!r}")
+        for name in ("graphs", "split_head"):
+            if getattr(self, name) not in (None, True, False):
+                raise OptionsError(f"{name} must be None (automatic), True or False, not {getattr(self, name)!r}")
         if self.quantize not in (None, *QUANTIZE_MODES):
             raise OptionsError(f"unsupported quantization {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
         if self.device not in (None, "") and not _DEVICE.fullmatch(str(self.device)):

@@ -35,7 +35,7 @@ from .placement.plan import PlanError, StagePlan
 from .runtime.agreement import agree, agree_on
 from .runtime.driver import Driver
 from .runtime.serve import serve
-from .placement.sizing import DEFAULT_RESERVE, choose_plan, model_sizes, needs_table, stage_needs
+from .placement.sizing import DEFAULT_RESERVE, choose_plan, head_split, model_sizes, needs_table, stage_needs
 from .net.machine import keep_awake, same_machine
 from .net.transport import Transport
 
@@ -79,8 +79,9 @@ class Pipeline:
         return self.transport.rank == 0
 
     def describe(self) -> dict:
-        """This rank's figures: rank, host, layers, device, dtype, weight bytes, peak memory, and how
-        its own layers' decode steps ran (``StageRunner.figures``; ``graphs`` alone where off)."""
+        """This rank's figures: rank, host, layers, device, dtype, weight bytes, peak memory, how
+        its own layers' decode steps ran (``StageRunner.figures``; ``graphs`` alone where off) and,
+        with the LM head split, its rows and steps of it (``model.head``)."""
         start, end = self.plan.ranges[self.rank]
         return {
             "rank": self.rank,
@@ -92,6 +93,7 @@ class Pipeline:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             **(self.stage.runner.figures() if self.stage.runner is not None else
                self.stage.local.figures() if self.stage.local is not None else {"graphs": "off"}),
+            **(self.stage.head.figures() if self.stage.head is not None else {}),
         }
 
     def stats(self, *, spans_since: float | None = None) -> list[dict]:
@@ -194,6 +196,10 @@ def start(
         quantize: ``"int8"`` or ``"int4"``: each stage quantizes its decoder layers' linear weights as it
             reads them (weight-only: int8 per output channel, int4 per 32 inputs); embeddings and
             the LM head stay in ``dtype``.
+        split_head: Split the LM head's rows between rank 0 and the last stage, which multiply
+            them at the same time after the last stage's layers (see ``model.head``). None: where it
+            pays (rank 0 and the last stage on CPUs, the last stage's rows at least 16 MiB); True:
+            whenever the model's head allows it; False: off.
         graphs: Every stage's decode steps, rank 0's own layers included, as captured CUDA graphs over
             KV caches preallocated for ``context`` tokens per sequence (see ``model.graphs`` and
             ``model.local``). None: on for CUDA stages of the families that allow it; True: required
@@ -261,6 +267,8 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         # Ranks on one machine (or one GPU) share its memory.
         available = [r["bytes"] if r["capped"] else r["bytes"] // sum(same_machine(q, r) and q["device"] == r["device"] for q in rows)
                      for r in rows]
+        sizes = head_split(sizes, num_stages=transport.world_size, dtype=dtype_name(dt), devices=[r["device"] for r in rows],
+                           wanted=o.split_head)
         plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance, available=available,
                            dtype=dtype_name(dt), context=o.context, batch=o.batch, quantize=o.quantize)
         needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=o.context, batch=o.batch, available=available,
@@ -271,21 +279,22 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
                 + needs_table(needs) + "\nuse a smaller dtype or context, more machines, or `torch_pp plan` to explore"
             )
         cap_memory(dev, available[transport.rank])  # MPS: hold this rank to its share of the Mac's memory
-        return plan
+        return plan, sizes.head_cut
 
     model_dir, sizes, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
     rows = transport.all_gather(memory)
-    plan = agree(transport, lambda: place(sizes, dt, rows), what="place the model")
+    plan, head_cut = agree(transport, lambda: place(sizes, dt, rows), what="place the model")
     agree_on(transport, {
         "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
         "plan": plan.spec(), "dtype": dtype_name(dt), "quantize": o.quantize, "frame_bytes": transport.frame_bytes,
+        "split_head": head_cut,
     })
     transport.describe(layers=plan.ranges[transport.rank])
     load_start = time.perf_counter()
     stage, load_s = agree(
         transport,
         lambda: (_use_slots(load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt,
-                                       progress=show, quantize=o.quantize), o, device=dev, dtype=dt),
+                                       progress=show, quantize=o.quantize, head_cut=head_cut), o, device=dev, dtype=dt),
                  time.perf_counter() - load_start),
         what="load the model",
     )

@@ -16,7 +16,8 @@ with torch.device("meta"):  # warm the imports and model classes, so the baselin
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 baseline = peak_rss()
 pipe = torch_pp.start(model_dir, progress=False, balance="even", quantize=os.environ.get("QUANTIZE") or None)
-report = {"rank": pipe.rank, "baseline": baseline, "peak": peak_rss(), "share": pipe.stage.weight_bytes}
+report = {"rank": pipe.rank, "baseline": baseline, "peak": peak_rss(), "share": pipe.stage.weight_bytes,
+          "head_rows": pipe.describe().get("head_rows", 0)}
 with open(os.path.join(os.environ["OUT"], f"rss{pipe.rank}.json"), "w") as f:
     json.dump(report, f)
 if pipe.is_driver:

@@ -108,7 +108,8 @@ def check(name, path, pipe):
 
 for path in models:
     name = os.path.basename(path)
-    pipe = torch_pp.start(path, transport=transport, progress=False, device=DEVICE, dtype="float32")
+    pipe = torch_pp.start(path, transport=transport, progress=False, device=DEVICE, dtype="float32",
+                          split_head=True if os.environ.get("SPLIT_HEAD") else None)
     params[name] = {
         "layers": list(pipe.plan.ranges[rank]),
         "params": sorted(n for n, _ in pipe.stage.model.named_parameters()),

@@ -30,6 +30,7 @@ from .. import archs
 from ..devices import max_buffer_bytes, return_freed_memory
 from ..dtypes import SAFETENSORS, to_torch
 from ..placement.plan import StagePlan
+from .head import SplitHead, TailHead
 from .local import LocalLayers
 from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
 from ..errors import ModelFolderError
@@ -56,10 +57,15 @@ class SafetensorsReader:
         self.header.pop("__metadata__", None)
         self._data_start = 8 + n
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, *, first_row: int = 0) -> torch.Tensor:
+        """Tensor ``key``, or its rows from ``first_row`` on (rows are contiguous: only those are read)."""
         info = self.header[key]
         start, end = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        shape = list(info["shape"])
+        if first_row:
+            row_bytes = (end - start) // shape[0]
+            start, shape[0] = start + first_row * row_bytes, shape[0] - first_row
+        out = torch.empty(shape, dtype=_ST_DTYPES[info["dtype"]])
         if end > start:
             self._f.seek(self._data_start + start)
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
@@ -88,6 +94,7 @@ class LoadedStage:
         runner: On ranks > 0, the runner for this stage's layers.
         weight_bytes: Bytes of parameters this rank holds.
         local: On rank 0 with slots, its own layers' slots (see ``model.local``; set by ``pipeline``).
+        head: On rank 0 with the LM head split with the last stage, its side (see ``model.head``).
     """
 
     model: PreTrainedModel
@@ -95,6 +102,7 @@ class LoadedStage:
     runner: StageRunner | None
     weight_bytes: int
     local: "LocalLayers | None" = None
+    head: SplitHead | None = None
 
 
 def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
@@ -155,6 +163,7 @@ def load_stage(
     dtype: torch.dtype,
     progress: bool = True,
     quantize: str | None = None,
+    head_cut: int = 0,
 ) -> LoadedStage:
     """Build this rank's stage and read its weights onto ``device`` in ``dtype``.
 
@@ -167,6 +176,8 @@ def load_stage(
         progress: Show a progress bar.
         quantize: ``"int8"`` or ``"int4"``: quantize the decoder layers' linear weights as they are read
             (see ``model.quant``).
+        head_cut: Split the LM head at this row (0: not split): rank 0 multiplies the rows before it,
+            the last stage loads the final norm and the rows from it on (see ``model.head``).
 
     Raises:
         ModelFolderError: if the folder is unusable or lacks a weight this stage needs.
@@ -176,7 +187,10 @@ def load_stage(
         raise ModelFolderError(f"the plan covers {plan.num_layers} layers but the model has {config.num_hidden_layers}")
     weights = weight_map(model_dir)
     model = build_skeleton(config)
-    span, runner = _trim(model, plan=plan, rank=rank), None
+    tail = bool(head_cut) and rank == plan.num_stages - 1
+    span, runner = _trim(model, plan=plan, rank=rank, tail_cut=head_cut if tail else 0), None
+    if tail:
+        _read_tail_rows(model, Path(model_dir), weights, head_cut, device=device, dtype=dtype)
     _materialise(model, Path(model_dir), weights, device=device, dtype=dtype, rank=rank, plan=plan, progress=progress,
                  quantize=quantize)
     _rebuild_buffers(model, device=device)
@@ -187,15 +201,39 @@ def load_stage(
     else:
         layers = {i: archs.LAYOUT.layer_list(model)[i] for i in plan.layers_of(rank)}
         runner = StageRunner(layers, model.config)
+        if tail:
+            runner.tail = TailHead(getattr(model, archs.LAYOUT.base).norm, getattr(model, archs.LAYOUT.head))
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise ModelFolderError(f"rank {rank}: no weights found for {', '.join(leftovers[:5])}{' …' if len(leftovers) > 5 else ''}")
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *quant.quantized_tensors(model)])
-    return LoadedStage(model=model, span=span, runner=runner, weight_bytes=weight_bytes)
+    head = None
+    if span is not None and head_cut:
+        span.head = head = SplitHead.checked(getattr(model, archs.LAYOUT.head), getattr(model, archs.LAYOUT.base).norm,
+                                              cut=head_cut)
+    return LoadedStage(model=model, span=span, runner=runner, weight_bytes=weight_bytes, head=head)
 
 
-def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int) -> RemoteSpan | None:
-    """Drop or replace every module this rank does not own; on rank 0 return the remote span."""
+def _read_tail_rows(model: PreTrainedModel, model_dir: Path, weights: dict[str, str], cut: int, *,
+                    device: torch.device, dtype: torch.dtype) -> None:
+    """The last stage's rows ``[cut:]`` of the LM head, read alone from the checkpoint's head (or the
+    embedding it is tied to) into the head ``_trim`` left there."""
+    name = f"{archs.LAYOUT.head}.weight"
+    tied = (getattr(model, "all_tied_weights_keys", None) or {}).get(name)
+    plain, _ = _sources(model, weights, {name, *([tied] if tied else [])})
+    key = plain.get(name) or plain.get(tied)
+    if key is None:
+        raise ModelFolderError(f"the checkpoint in {model_dir} has no tensor for {name!r}")
+    with SafetensorsReader(model_dir / weights[key]) as f:
+        rows = f.read(key, first_row=cut)
+    _put(model, name, rows, device=device, dtype=dtype)
+
+
+def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int, tail_cut: int = 0) -> RemoteSpan | None:
+    """Drop or replace every module this rank does not own; on rank 0 return the remote span.
+
+    With ``tail_cut`` (the last stage of a split head) the final norm stays, and the head becomes a
+    head of its rows from ``tail_cut`` on (same name, fewer rows)."""
     owned = plan.layers_of(rank)
     layers = archs.LAYOUT.layer_list(model)
     if rank == 0:
@@ -211,11 +249,14 @@ def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int) -> RemoteSpan |
     # Everything outside the decoder layers (embedding, norm, head, rotary, ...) is rank 0's.
     base = getattr(model, archs.LAYOUT.base)
     for name, _ in list(base.named_children()):
-        if name != archs.LAYOUT.layers:
+        if name != archs.LAYOUT.layers and not (tail_cut and name == "norm"):
             setattr(base, name, None)
+    head = getattr(model, archs.LAYOUT.head)
     for name, _ in list(model.named_children()):
         if name != archs.LAYOUT.base:
             setattr(model, name, None)
+    if tail_cut:
+        setattr(model, archs.LAYOUT.head, nn.Linear(head.in_features, head.out_features - tail_cut, bias=False, device="meta"))
     return None
 
 
@@ -229,7 +270,7 @@ def _keep_fp32(model: PreTrainedModel, name: str) -> bool:
 def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dtype, rank, plan, progress,
                  quantize: str | None = None) -> None:
     """Read exactly the checkpoint tensors behind this stage's parameters, through transformers' conversion."""
-    needed = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    needed = {n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta}  # not a split head's rows
     needed |= {n for n, _ in model.named_buffers() if _is_persistent(model, n)}
     plain, fused = _sources(model, weights, needed)
     start, end = plan.ranges[rank]

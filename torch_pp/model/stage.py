@@ -124,6 +124,7 @@ class RemoteSpan:
         self.layer_indices = layer_indices
         self.accepts = accepts
         self.runner: Runner | None = None
+        self.head = None  # a ``model.head.SplitHead`` where the LM head is split with the last stage
         self._lanes = CacheLanes()
         self.take_freed = self._lanes.take_freed
         # Per thread: several threads may run forwards at once.
@@ -183,8 +184,10 @@ class RemoteSpan:
         if self.runner is None:
             raise StageError("the pipeline is closed: start it again before running the model")
         pending, st.pending = st.pending, {}
+        split = (self.head is not None and st.reply and not st.collect and self.head.wants(hidden.shape[0], st.keep))
         out = self.runner(hidden, pending, past_len=st.past_len, use_cache=use_cache, reply=st.reply,
-                          keep=0 if st.collect else st.keep, lane=st.lane, collect=st.collect)
+                          keep=0 if st.collect else st.keep, lane=st.lane, collect=st.collect,
+                          head=self.head if split else None)
         if not st.collect:
             return out
         out, states = out
@@ -257,6 +260,7 @@ class StageRunner:
         self._room: Callable[[int], bool] = lambda n: True
         self._slot_dtype = torch.float32
         self._steps = collections.Counter()  # decode steps by how they ran
+        self.tail = None  # on the last stage, its rows of a split LM head (``model.head.TailHead``)
 
     def use_slots(self, *, max_len: int, device: torch.device, dtype: torch.dtype, capture: bool,
                   room: Callable[[int], bool]) -> None:
@@ -329,13 +333,15 @@ class StageRunner:
     def figures(self) -> dict:
         """How this stage's decode steps ran: ``graphs`` (on, eager slots, or off), slots made, and
         decode steps replayed from captured pieces, run eagerly in a slot, or run eagerly in a
-        dynamic cache; and ``kv_lanes``, the sequences whose KV cache it holds now."""
+        dynamic cache; ``kv_lanes``, the sequences whose KV cache it holds now; and on a last stage
+        with a split LM head, its ``head_rows`` and ``head_steps`` (see ``model.head``)."""
+        head = self.tail.figures() if self.tail is not None else {}
         if self.slots is None:
-            return {"graphs": "off", "kv_lanes": len(self.caches)}
+            return {"graphs": "off", "kv_lanes": len(self.caches), **head}
         made = sum(len(free) for free in self.slots.values()) + sum(isinstance(c, graphs.Slot) for c, _ in self.caches.values())
         return {"graphs": "on" if self._slot_args["capture"] else "eager", "kv_lanes": len(self.caches), "slots": made,
                 "graph_steps": self._steps["graph_steps"], "slot_steps": self._steps["slot_steps"],
-                "eager_steps": self._steps["eager_steps"]}
+                "eager_steps": self._steps["eager_steps"], **head}
 
     def _layers(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], cache, *, collect: bool):
         states = []

@@ -8,6 +8,7 @@ KV-cache sizes from the attention shapes. No weights are read.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ class ModelSizes:
         head_params: Parameters of the LM head, which rank 0 multiplies for every decode token.
         layer_linear_params: Parameters of each layer's ``nn.Linear`` weights (what ``--quantize`` shrinks).
         layer_linear_rows: Output channels of those weights (one quantization scale each).
+        head_rows: Rows (vocabulary) of the LM head where it can be split between rank 0 and the
+            last stage (a bias-free linear head after a final norm at ``<base>.norm``); else 0.
+        head_cut: As placed: the head rows rank 0 multiplies while the last stage multiplies the
+            rest (0: not split; see ``head_split`` and ``model.head``).
     """
 
     layer_params: tuple[int, ...]
@@ -48,10 +53,54 @@ class ModelSizes:
     head_params: int = 0
     layer_linear_params: tuple[int, ...] = ()
     layer_linear_rows: tuple[int, ...] = ()
+    head_rows: int = 0
+    head_cut: int = 0
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_params)
+
+    @property
+    def tail_params(self) -> int:
+        """Parameters of the head rows the last stage holds (0: the head is not split)."""
+        return self.head_params * (self.head_rows - self.head_cut) // self.head_rows if self.head_cut else 0
+
+
+ROW_BLOCK = 64  # a cut between head rows at a multiple of this keeps CPU kernels' blocking of rows
+SPLIT_HEAD_MIN_BYTES = 16 * 2**20  # the last stage's part: about 1 ms of a CPU's memory bandwidth or more
+
+
+def split_rows(rows: int) -> int:
+    """The head rows rank 0 multiplies when the head is split: about half (0: too few to split)."""
+    return rows // 2 // ROW_BLOCK * ROW_BLOCK
+
+
+def head_split(sizes: ModelSizes, *, num_stages: int, dtype: str, devices: list[str], wanted: bool | None) -> ModelSizes:
+    """``sizes`` with ``head_cut`` set: whether (and where) the LM head is split between rank 0 and
+    the last stage, which then multiply their rows of it at the same time (see ``model.head``).
+
+    Automatic (``wanted`` None): where it pays, i.e. where rank 0 and the last stage compute on CPUs
+    and the last stage's part is at least ``SPLIT_HEAD_MIN_BYTES``: a CPU reads weights at 10-20 GB/s,
+    so that part takes over 1 ms, against about 0.5 ms for the extra message. An accelerator
+    multiplies such a part in a fraction of that. One stage: nothing to split with.
+
+    Args:
+        devices: Each rank's device (``"cpu"``, ``"cuda:0"``, ``"mps"``), in rank order.
+
+    Raises:
+        PlanError: for ``wanted`` True and a head that cannot be split.
+    """
+    cut = split_rows(sizes.head_rows)
+    if wanted and not cut and num_stages > 1:
+        raise PlanError("split_head=True: this model's head cannot be split (it needs a bias-free linear head after a "
+                        f"final norm at {archs.LAYOUT.base}.norm and at least {2 * ROW_BLOCK} rows); leave split_head unset")
+    if num_stages < 2 or not cut or wanted is False:
+        cut = 0
+    elif wanted is None:
+        tail = sizes.head_params * (sizes.head_rows - cut) // sizes.head_rows * BYTES_PER_PARAM[dtype]
+        on_cpus = all(d.split(":")[0] == "cpu" for d in (devices[0], devices[-1]))
+        cut = cut if on_cpus and tail >= SPLIT_HEAD_MIN_BYTES else 0
+    return dataclasses.replace(sizes, head_cut=cut)
 
 
 def model_sizes(config) -> ModelSizes:
@@ -90,11 +139,14 @@ def model_sizes(config) -> ModelSizes:
     kv = [archs.kv_elems_per_token(config, i) for i in range(n)]
     window = [archs.kv_window(config, i) for i in range(n)]
     head = model.get_output_embeddings()
+    splittable = (type(head) is torch.nn.Linear and head.bias is None
+                  and isinstance(getattr(getattr(model, archs.LAYOUT.base), "norm", None), torch.nn.Module))
     return ModelSizes(tuple(counts.get(i, 0) for i in range(n)), rank0, tuple(kv), tuple(window),
                       layer_active_params=tuple(int(active.get(i, 0)) for i in range(n)),
                       head_params=head.weight.numel() if head is not None else 0,
                       layer_linear_params=tuple(linear.get(i, 0) for i in range(n)),
-                      layer_linear_rows=tuple(rows.get(i, 0) for i in range(n)))
+                      layer_linear_rows=tuple(rows.get(i, 0) for i in range(n)),
+                      head_rows=head.out_features if splittable else 0)
 
 
 @dataclass(frozen=True)
@@ -157,10 +209,17 @@ def stage_needs(sizes: ModelSizes, plan: StagePlan, *, dtype: str, context: int,
     per_layer = layer_bytes(sizes, dtype=dtype, context=context, batch=batch, quantize=quantize)
     needs = []
     for r, (start, end) in enumerate(plan.ranges):
-        w = sum(per_layer[i][0] for i in range(start, end)) + (int(sizes.rank0_params * BYTES_PER_PARAM[dtype]) if r == 0 else 0)
+        w = sum(per_layer[i][0] for i in range(start, end)) + _fixed_bytes(sizes, r, len(plan.ranges), dtype)
         kv = sum(per_layer[i][1] for i in range(start, end))
         needs.append(StageNeed(r, (start, end), w, kv, reserve, None if available is None else available[r]))
     return needs
+
+
+def _fixed_bytes(sizes: ModelSizes, rank: int, num_stages: int, dtype: str) -> int:
+    """Weights a rank holds besides its layers: rank 0's embedding, final norm and head; the last
+    stage's rows of a split head."""
+    params = sizes.rank0_params if rank == 0 else sizes.tail_params if rank == num_stages - 1 else 0
+    return int(params * BYTES_PER_PARAM[dtype])
 
 
 def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context: int, batch: int,
@@ -178,7 +237,7 @@ def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context:
     n_ranks, n_layers = len(available), sizes.num_layers
     check_stage_count(n_ranks, n_layers)
     cost = [w + kv for w, kv in layer_bytes(sizes, dtype=dtype, context=context, batch=batch, quantize=quantize)]
-    fixed = [reserve + (int(sizes.rank0_params * BYTES_PER_PARAM[dtype]) if r == 0 else 0) for r in range(n_ranks)]
+    fixed = [reserve + _fixed_bytes(sizes, r, n_ranks, dtype) for r in range(n_ranks)]
     free = [max(a - f, 1) for a, f in zip(available, fixed)]
     total = sum(cost)
     bounds, acc, i = [0], 0, 0
@@ -198,14 +257,15 @@ def compute_plan(sizes: ModelSizes, *, num_stages: int) -> StagePlan:
 
     Work is counted in parameters multiplied per token: each layer's active parameters, plus
     the LM head on rank 0 (for small models the head weighs as much as several layers, so
-    rank 0 gets fewer). The largest stage is made as small as possible, which is what sets
+    rank 0 gets fewer; of a split head, each its rows). The largest stage is made as small as possible, which is what sets
     the pace when several lanes keep every stage busy. Memory is not considered here.
 
     Raises:
         PlanError: if there are more stages than layers.
     """
     check_stage_count(num_stages, sizes.num_layers)
-    return _even_cut(_work(sizes), num_stages, lambda r, work: work + (sizes.head_params if r == 0 else 0))
+    head = [sizes.head_params - sizes.tail_params] + [0] * (num_stages - 2) + [sizes.tail_params]
+    return _even_cut(_work(sizes), num_stages, lambda r, work: work + head[r])
 
 
 def measured_plan(sizes: ModelSizes, plan: StagePlan, *, occupied_s: list[float], layers_s: list[float]) -> StagePlan:

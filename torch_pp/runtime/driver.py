@@ -84,7 +84,9 @@ class Driver:
         self.transport = transport
         self.device = device
         self.turn = turn or DeviceTurn()
-        self.remote_s = 0.0  # wall time waiting for the other stages (their compute + the wire)
+        # wall time waiting for the other stages: their layers and the wire (with a split head, less
+        # the head's two parts, computed at the same time: see ``_join_head``)
+        self.remote_s = 0.0
         self.calls = 0
         self.tracer = Tracer()
         self.outbox = Outbox(device)
@@ -125,8 +127,8 @@ class Driver:
         return self.transport.world_size - 1
 
     def run_remote(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
-                   reply: bool = True, keep: int = 0, lane: int = 0,
-                   collect: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+                   reply: bool = True, keep: int = 0, lane: int = 0, collect: bool = False,
+                   head=None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Send activations round the ring; return the final hidden state on rank 0's device.
 
         Args:
@@ -139,6 +141,9 @@ class Driver:
             keep: Return only the last ``keep`` positions, [B, keep, H] (0: all S).
             lane: Which KV cache the stages use.
             collect: Also return every remote layer's output: ``(hidden, [[B, S, H], ...])``.
+            head: A ``model.head.SplitHead``: the last stage multiplies its rows of the LM head
+                after returning the hidden state, while rank 0 multiplies its own
+                (``head.begin``); their logits are joined (``head.finish``) before this returns.
         """
         self._check_lost()
         busy = self._pause_busy()  # waits for rank 0's queued device work: not the stages' time
@@ -153,13 +158,14 @@ class Driver:
                 self._local.busy_since = now()
             return hidden
         with self.turn.given_up():
-            answer = self._exchange(Message(Op.FORWARD, meta, tensors))
+            answer = self._exchange(Message(Op.FORWARD, meta, tensors), head=head)
         if answer.op == Op.ERROR:
             raise PipelineError(answer.meta["error"])
         if answer.op != Op.RESULT:
             raise PipelineError(f"rank 0 expected RESULT from rank {self.last_rank}, got {answer.op.name}")
         out = [t.to(self.device) for t in answer.tensors]
-        self.remote_s += time.perf_counter() - start
+        self.remote_s += time.perf_counter() - start - getattr(self._local, "head_s", 0.0)
+        self._local.head_s = 0.0
         self.calls += 1
         if busy:
             self._local.busy_since = now()
@@ -230,23 +236,46 @@ class Driver:
             self.lost = self.lost or monitor.verdict or str(failure)
             raise PipelineError(f"{self.lost}; this pipeline is closed: start a new one") from failure
 
-    def _exchange(self, message: Message) -> Message:
+    def _exchange(self, message: Message, *, head=None) -> Message:
         """Send round the ring and take this request's reply, even if interrupted in between.
 
         A KeyboardInterrupt (a notebook's interrupt button) that lands after the send is held
-        back until the reply is in, so the ring never keeps a stale message and the pipeline
-        stays usable; the interrupt is then raised.
+        back until the reply is in (with ``head``, both replies: see ``run_remote``), so the ring
+        never keeps a stale message and the pipeline stays usable; the interrupt is then raised.
         """
         self._check_lost()
         request = next(self._request_ids)
         message.meta["req"] = request
+        if head is not None:  # the last stage's logits come back as a reply of their own
+            message.meta["head"] = next(self._request_ids)
         with _interrupts_held() as held, self._flight():
             self._put(message)
             t1 = now()
             reply = self._replies.await_reply(request)
             self.tracer.add("wait", t1, now())
+            if head is not None and reply.op == Op.RESULT:
+                reply = self._join_head(reply, head, message.meta["head"])
         if held.count:
             raise KeyboardInterrupt
+        return reply
+
+    def _join_head(self, reply: Message, head, request: int) -> Message:
+        """Rank 0's rows of a split LM head while the last stage multiplies its own, then theirs joined
+        to them; returns ``reply`` with its hidden state on rank 0's device (or the stage's ERROR)."""
+        with self.turn.held():
+            t0 = now()
+            reply.tensors[0] = reply.tensors[0].to(self.device)
+            head.begin(reply.tensors[0])
+            t1 = stamp(self.device)  # after the device finished (the span must not overlap another thread's)
+        self.tracer.add("compute", t0, t1)
+        tail = self._replies.await_reply(request)
+        self.tracer.add("wait", t1, now())
+        if tail.op != Op.RESULT:
+            return tail
+        # Not communication: the longer of the two parts, which began about together.
+        self._local.head_s = max(t1 - t0, tail.meta.get("compute_s", 0.0))
+        with self.turn.held():
+            head.finish(tail.tensors[0].to(self.device))
         return reply
 
     def collect_stats(self, *, spans_since: float | None = None) -> list[dict]:

@@ -79,7 +79,15 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
                 if reply:  # a streamed prefill chunk needs no answer
                     keep = meta.get("keep", 0)
                     earlier = [msg.tensors[i] for i in meta.get("states", [])]
-                    transport.send(Message(Op.RESULT, {"req": meta.get("req")}, [out[:, -keep:] if keep else out, *earlier, *states]), dst=0)
+                    result = out[:, -keep:] if keep else out
+                    transport.send(Message(Op.RESULT, {"req": meta.get("req")}, [result, *earlier, *states]), dst=0)
+                    if meta.get("head"):  # rank 0 multiplies its rows of the head meanwhile
+                        t_sent = now()
+                        tracer.add("send", t_done, t_sent)
+                        logits = _tail_logits(runner, result, meta["head"], where=f"stage {rank} on {transport.host}")
+                        t_done = stamp(device)
+                        tracer.add("compute", t_sent, t_done)
+                        transport.send(logits, dst=0)
             else:
                 msg.tensors[0] = out
                 if collect:  # later stages append theirs; the last stage returns them all
@@ -107,3 +115,17 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
             return
         else:
             raise PipelineError(f"rank {rank} got an unexpected {msg.op.name} from rank {prev}")
+
+
+def _tail_logits(runner: StageRunner, hidden: torch.Tensor, request: int, *, where: str) -> Message:
+    """The last stage's rows of a split LM head for ``hidden`` [B, K, H], as the reply to ``request``
+    (an ERROR naming this stage if they cannot be computed)."""
+    try:
+        if runner.tail is None:
+            raise PipelineError("it holds no rows of the LM head; start every rank with the same split_head")
+        start = time.perf_counter()
+        logits = runner.tail.logits(hidden)
+        return Message(Op.RESULT, {"req": request, "compute_s": time.perf_counter() - start}, [logits])
+    except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
+        log.debug("%s failed on the LM head:\n%s", where, traceback.format_exc())
+        return Message(Op.ERROR, {"error": f"{where} failed on its rows of the LM head: {exc}", "req": request})
