@@ -192,7 +192,7 @@ def load_stage(
     if tail:
         _read_tail_rows(model, Path(model_dir), weights, head_cut, device=device, dtype=dtype)
     _materialise(model, Path(model_dir), weights, device=device, dtype=dtype, rank=rank, plan=plan, progress=progress,
-                 quantize=quantize)
+                 quantize=quantize, loaded=(f"{archs.LAYOUT.head}.weight",) if tail else ())
     _rebuild_buffers(model, device=device)
     if rank == 0:
         gen_file = Path(model_dir) / "generation_config.json"
@@ -268,9 +268,9 @@ def _keep_fp32(model: PreTrainedModel, name: str) -> bool:
 
 
 def _materialise(model, model_dir: Path, weights: dict[str, str], *, device, dtype, rank, plan, progress,
-                 quantize: str | None = None) -> None:
+                 quantize: str | None = None, loaded: tuple[str, ...] = ()) -> None:
     """Read exactly the checkpoint tensors behind this stage's parameters, through transformers' conversion."""
-    needed = {n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta}  # not a split head's rows
+    needed = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(loaded)  # e.g. a split head's rows
     needed |= {n for n, _ in model.named_buffers() if _is_persistent(model, n)}
     plain, fused = _sources(model, weights, needed)
     start, end = plan.ranges[rank]
