@@ -22,7 +22,8 @@ if "--hf" in sys.argv:
     sys.exit(0)
 
 import torch_pp  # noqa: E402
-from torch_pp.model.loading import SafetensorsReader, weight_map  # noqa: E402
+from torch_pp.model.loading import weight_map  # noqa: E402
+from torch_pp.model.reader import SafetensorsReader  # noqa: E402
 from torch_pp.placement.config import read_config  # noqa: E402
 from torch_pp.placement.plan import even_plan  # noqa: E402
 

@@ -94,13 +94,12 @@ def head_split(sizes: ModelSizes, *, num_stages: int, dtype: str, devices: list[
     if wanted and not cut and num_stages > 1:
         raise PlanError("split_head=True: this model's head cannot be split (it needs a bias-free linear head after a "
                         f"final norm at {archs.LAYOUT.base}.norm and at least {2 * ROW_BLOCK} rows); leave split_head unset")
-    if num_stages < 2 or not cut or wanted is False:
-        cut = 0
-    elif wanted is None:
-        tail = sizes.head_params * (sizes.head_rows - cut) // sizes.head_rows * BYTES_PER_PARAM[dtype]
+    split = dataclasses.replace(sizes, head_cut=0 if num_stages < 2 or wanted is False else cut)
+    if wanted is None and split.head_cut:
         on_cpus = all(d.split(":")[0] == "cpu" for d in (devices[0], devices[-1]))
-        cut = cut if on_cpus and tail >= SPLIT_HEAD_MIN_BYTES else 0
-    return dataclasses.replace(sizes, head_cut=cut)
+        if not (on_cpus and split.tail_params * BYTES_PER_PARAM[dtype] >= SPLIT_HEAD_MIN_BYTES):
+            split = sizes
+    return split
 
 
 def model_sizes(config) -> ModelSizes:

@@ -164,8 +164,7 @@ class Driver:
         if answer.op != Op.RESULT:
             raise PipelineError(f"rank 0 expected RESULT from rank {self.last_rank}, got {answer.op.name}")
         out = [t.to(self.device) for t in answer.tensors]
-        self.remote_s += time.perf_counter() - start - getattr(self._local, "head_s", 0.0)
-        self._local.head_s = 0.0
+        self.remote_s += time.perf_counter() - start
         self.calls += 1
         if busy:
             self._local.busy_since = now()
@@ -272,8 +271,8 @@ class Driver:
         self.tracer.add("wait", t1, now())
         if tail.op != Op.RESULT:
             return tail
-        # Not communication: the longer of the two parts, which began about together.
-        self._local.head_s = max(t1 - t0, tail.meta.get("compute_s", 0.0))
+        # Not communication (``remote_s``): the longer of the two parts, which began about together.
+        self.remote_s -= max(t1 - t0, tail.meta.get("compute_s", 0.0))
         with self.turn.held():
             head.finish(tail.tensors[0].to(self.device))
         return reply

@@ -85,7 +85,7 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
                         t_sent = now()
                         tracer.add("send", t_done, t_sent)
                         logits = _tail_logits(runner, result, meta["head"], where=f"stage {rank} on {transport.host}")
-                        t_done = stamp(device)
+                        t_done = now()  # _tail_logits waited for the device
                         tracer.add("compute", t_sent, t_done)
                         transport.send(logits, dst=0)
             else:
@@ -119,13 +119,14 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
 
 def _tail_logits(runner: StageRunner, hidden: torch.Tensor, request: int, *, where: str) -> Message:
     """The last stage's rows of a split LM head for ``hidden`` [B, K, H], as the reply to ``request``
-    (an ERROR naming this stage if they cannot be computed)."""
+    with the seconds they took once the device finished (an ERROR naming this stage if they cannot
+    be computed)."""
     try:
         if runner.tail is None:
             raise PipelineError("it holds no rows of the LM head; start every rank with the same split_head")
-        start = time.perf_counter()
+        start = now()
         logits = runner.tail.logits(hidden)
-        return Message(Op.RESULT, {"req": request, "compute_s": time.perf_counter() - start}, [logits])
+        return Message(Op.RESULT, {"req": request, "compute_s": stamp(hidden.device) - start}, [logits])
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
         log.debug("%s failed on the LM head:\n%s", where, traceback.format_exc())
         return Message(Op.ERROR, {"error": f"{where} failed on its rows of the LM head: {exc}", "req": request})
