@@ -229,7 +229,7 @@ def main() -> None:
     print_table(rows, ["figure", "unit", *names])
     if "torch_pp" in result:
         tp = result["torch_pp"]
-        print(f"\ntorch_pp, one decode stream: communication share {100 * tp['communication_share']:.1f}%, per stage boundary "
+        print(f"\ntorch_pp, layers {','.join('%d:%d' % tuple(st['layers']) for st in tp['stages'])}; one decode stream: communication share {100 * tp['communication_share']:.1f}%, per stage boundary "
               f"{tp['per_boundary_ms']:.2f} ms: the bare Gloo hop {tp['gloo_floor_ms']:.2f} ms, torch_pp's own "
               f"{tp['own_per_boundary_ms']:.2f} ms; per decode step by stage (ms): {tp['per_step_ms_by_stage']}; decode ratios: " +
               ", ".join(f"over {k.split('_over_')[1]} {v:.3f}" for k, v in f["torch_pp"].items() if k.startswith("decode_ratio")))

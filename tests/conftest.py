@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_DEVICE = os.environ.get("TORCH_PP_TEST_DEVICE", "cpu")
 os.environ.setdefault("TORCH_PP_DEVICE", TEST_DEVICE)
 os.environ.setdefault("TEST_DEVICE", TEST_DEVICE)
+# A placement measured by one test must not move another's layers (tiny models written with one
+# seed share a fingerprint): kept placements are off, except where a test names its own folder.
+os.environ["TORCH_PP_PLACEMENTS"] = "off"
 WORKERS = Path(__file__).parent / "workers"
 
 from torch_pp.net.rendezvous import free_port  # noqa: E402,F401 - the tests' one free_port

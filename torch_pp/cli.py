@@ -26,9 +26,10 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="int8 or int4: each stage quantizes its decoder layers' linear weights as it loads them")
     p.add_argument("--layers", help="manual plan, one START:END per rank, e.g. 0:10,10:30")
-    p.add_argument("--balance", choices=BALANCES, default="memory",
-                   help="place layers by each rank's free memory (default), by work per token "
-                        "(compute: best with several lanes) or evenly")
+    p.add_argument("--balance", choices=BALANCES, default="auto",
+                   help="auto (default): as measured on these machines at an earlier run of this model, if that "
+                        "placement fits, else by memory; memory: by each rank's free memory; compute: by work per "
+                        "token; even: equal layer counts")
     p.add_argument("--context", type=int, default=4096, help="tokens the KV cache is sized for when placing layers")
     p.add_argument("--max-memory", help="memory this rank may use, e.g. 96GiB (default: what the device reports)")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the compute dtype, as in generate)")
     pl.add_argument("--context", type=int, default=4096)
     pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--balance", choices=BALANCES, default="memory")
+    pl.add_argument("--balance", choices=BALANCES, default="auto",
+                    help="auto: as a run places without a measurement of the machines (by memory)")
     pl.add_argument("--layers", help="manual plan to check instead")
     pl.add_argument("--split-head", action="store_true",
                     help="count the LM head split between rank 0 and the last stage (as a run on CPUs does by default)")
@@ -264,6 +266,7 @@ def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> 
             "prompt_tokens": prompt_len,
             "ttft_s": timer.ttft_s,
             "decode_tokens_per_s": timer.decode_tokens_per_s,
+            "placement": {"layers": pipe.plan.spec(), "by": pipe.placed_by},
             "stages": [
                 {k: s[k] for k in ("rank", "host", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes",
                                    "head_rows") if k in s}
@@ -276,7 +279,8 @@ def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> 
         tps = result["decode_tokens_per_s"]
         print(
             f"[{len(new_ids)} tokens; time to first token {result['ttft_s'] or 0:.3f} s; "
-            f"decode {tps or 0:.1f} tokens/s; {len(stages)} stage(s)]",
+            f"decode {tps or 0:.1f} tokens/s; {len(stages)} stage(s), layers {result['placement']['layers']} "
+            f"by {result['placement']['by']}]",
             file=sys.stderr,
         )
     return 0

@@ -29,9 +29,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
 
 
-def cache_dir() -> Path:
+def cache_dir(settings: Settings | None = None) -> Path:
     """Where converted models live: ``$TORCH_PP_CACHE``, else ``~/.cache/torch_pp``."""
-    root = Settings.from_env().cache or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "torch_pp")
+    root = (settings or Settings.from_env()).cache or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "torch_pp")
     return Path(root)
 
 

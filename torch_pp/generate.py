@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from .devices.turn import DeviceTurn
 from .runtime.lanes import split_generate
 from .options import check_generation_args
+from .trace import now
 from .errors import UnsupportedGenerationError
 
 try:  # the enum moved between transformers releases
@@ -42,18 +44,50 @@ def check_generation_mode(model, kwargs: dict) -> None:
         )
 
 
-class _PassTurn(StoppingCriteria):
-    """Never stops a sequence: after each token it lets other threads waiting for the device go first."""
+class DecodeClock:
+    """When each thread of one generate() call had its tokens, for the call's decode window.
 
-    def __init__(self, turn: DeviceTurn) -> None:
+    transformers checks the stopping criteria once per new token, the first right after the
+    prompt's prefill, so from a thread's first check to its last it ran only decode steps. With
+    lanes, the window is the stretch in which every lane was decoding.
+    """
+
+    def __init__(self) -> None:
+        self._marks: dict[int, list] = {}  # thread id -> [first, last, decode steps]
+
+    def tick(self) -> None:
+        t = now()
+        mark = self._marks.get(threading.get_ident())
+        if mark is None:
+            self._marks[threading.get_ident()] = [t, t, 0]
+        else:
+            mark[1], mark[2] = t, mark[2] + 1
+
+    def window(self) -> tuple[float, float, int] | None:
+        """``(start, end, decode steps)`` of the stretch every thread spent decoding, or None."""
+        marks = list(self._marks.values())
+        if not marks:
+            return None
+        start, end = max(m[0] for m in marks), min(m[1] for m in marks)
+        return (start, end, min(m[2] for m in marks)) if end > start else None
+
+
+class _PassTurn(StoppingCriteria):
+    """Never stops a sequence: after each token it lets other threads waiting for the device go
+    first (and ticks the call's ``DecodeClock``)."""
+
+    def __init__(self, turn: DeviceTurn, clock: DecodeClock | None = None) -> None:
         self.turn = turn
+        self.clock = clock
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.clock is not None:
+            self.clock.tick()
         self.turn.pass_on()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def guard_generate(model, *, driver=None, turn=None) -> None:
+def guard_generate(model, *, driver=None, turn=None, on_decode=None) -> None:
     """Make ``model.generate`` refuse what the pipeline cannot run, clearly, and accept ``lanes=``.
 
     Refused before anything is sent: modes that reorder or crop the KV cache, and sampling or
@@ -65,6 +99,8 @@ def guard_generate(model, *, driver=None, turn=None) -> None:
             lanes=L)`` splits the batch into L concurrently running sub-batches (default 1), and after
             each call the stages drop the caches of finished lanes.
         turn: Rank 0's ``devices.turn.DeviceTurn``: each call holds it while it does device work.
+        on_decode: Called with each finished call's decode window, ``(start, end, steps)`` (see
+            ``DecodeClock``), on the thread that made the call.
     """
     original = model.generate
     turn = turn or DeviceTurn()
@@ -80,11 +116,15 @@ def guard_generate(model, *, driver=None, turn=None) -> None:
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
         # After each token, other callers waiting for the device go first (see ``DeviceTurn``).
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or ()), _PassTurn(turn)])
+        clock = DecodeClock() if on_decode is not None else None
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or ()), _PassTurn(turn, clock)])
         with turn.held():
             out = _generate(original, args, kwargs, count)
         if driver is not None:  # not after a failure: its own error must be what the caller sees
             driver.release_freed()
+        window = clock.window() if clock is not None else None
+        if window is not None:
+            on_decode(window)
         return out
 
     def _generate(original, args, kwargs, count):
@@ -98,7 +138,8 @@ def guard_generate(model, *, driver=None, turn=None) -> None:
             count = 1
         count = max(1, min(int(count), ids.shape[0]))
         if count == 1:
-            return original(**kwargs)
+            with driver.calling():
+                return original(**kwargs)
         config = kwargs.get("generation_config") or model.generation_config
         pad = kwargs.get("pad_token_id", config.pad_token_id)
         if pad is None:
@@ -108,7 +149,7 @@ def guard_generate(model, *, driver=None, turn=None) -> None:
             with turn.held():
                 return original(**sub)
 
-        with turn.given_up():  # while this thread only waits for its lanes
+        with turn.given_up(), driver.calling(count):  # this thread only waits for its lanes
             return split_generate(in_lane, lanes=count, pad_with=pad, **kwargs)
 
     model.generate = generate

@@ -19,7 +19,7 @@ from typing import Mapping
 from .dtypes import COMPUTE as DTYPE_NAMES
 from .errors import OptionsError
 
-BALANCES = ("memory", "compute", "even")
+BALANCES = ("auto", "memory", "compute", "even")
 QUANTIZE_MODES = ("int8", "int4")  # weight-only, per stage while it loads (see model.quant)
 INT4_GROUP = 32  # input channels per int4 scale and zero (llama.cpp's Q4 blocks are 32 wide too)
 DEFAULT_FRAME_BYTES = 32 * 1024  # a decode step's message fits one frame (see net.wire)
@@ -46,7 +46,7 @@ class StartOptions:
 
     model: str | None = None
     layers: str | None = None
-    balance: str = "memory"
+    balance: str = "auto"
     context: int = 4096
     batch: int = 1
     max_memory: int | None = None
@@ -133,6 +133,9 @@ class Settings:
         frame_bytes: ``TORCH_PP_FRAME_BYTES``: size of every message's first frame (the same on every rank).
         sim_link: ``TORCH_PP_SIM_LINK``: a simulated network link for benchmarks (see ``net.link``).
         cache: ``TORCH_PP_CACHE``: where the converted default model lives (None: ``~/.cache/torch_pp``).
+        placements: ``TORCH_PP_PLACEMENTS``: where placements measured on the machines are kept for
+            the next start (None: ``placements`` in the cache folder; ``off``: neither kept nor used;
+            see ``placement.remembered``).
         debug: ``TORCH_PP_DEBUG``: log what each rank does.
 
     Raises:
@@ -145,11 +148,12 @@ class Settings:
     frame_bytes: int = DEFAULT_FRAME_BYTES
     sim_link: str | None = None
     cache: str | None = None
+    placements: str | None = None
     debug: bool = False
 
     _VARS = {"device": "TORCH_PP_DEVICE", "stale_s": "TORCH_PP_STALE_S", "join_timeout_s": "TORCH_PP_JOIN_TIMEOUT",
              "frame_bytes": "TORCH_PP_FRAME_BYTES", "sim_link": "TORCH_PP_SIM_LINK", "cache": "TORCH_PP_CACHE",
-             "debug": "TORCH_PP_DEBUG"}
+             "placements": "TORCH_PP_PLACEMENTS", "debug": "TORCH_PP_DEBUG"}
 
     def __post_init__(self) -> None:
         for name in ("stale_s", "join_timeout_s"):

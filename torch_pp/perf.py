@@ -30,13 +30,14 @@ def breakdown(stages: list[dict], *, start: float, end: float) -> list[dict]:
 
     Two more figures per stage, for evening the stages out (``Pipeline.balanced_plan``):
     ``occupied_s``, the time it was not waiting for a message (on rank 0 that includes
-    generate()'s bookkeeping: the time before it can send the next step), and ``layers_s``,
-    the time in its own decoder layers (a stage's compute; rank 0's ``layers`` spans).
+    generate()'s bookkeeping: the time before it can send the next step; with several lanes or
+    requests, only the time when every one of them waits, its ``idle`` spans, is not occupied),
+    and ``layers_s``, the time in its own decoder layers (a stage's compute; rank 0's ``layers`` spans).
     """
     total = end - start
     out = []
     for s in stages:
-        spans = {"compute": [], "send": [], "wait": [], "layers": []}
+        spans = {"compute": [], "send": [], "wait": [], "layers": [], "idle": []}
         for name, a, b in s.get("spans", []):
             a, b = max(a, start), min(b, end)
             if b > a and name in spans:
@@ -46,7 +47,7 @@ def breakdown(stages: list[dict], *, start: float, end: float) -> list[dict]:
         out.append({
             "rank": s["rank"], "compute_s": compute, "communication_s": busy - compute, "idle_s": max(0.0, total - busy),
             "busy_share": compute / total if total > 0 else 0.0,
-            "occupied_s": max(0.0, total - _union(spans["wait"])),
+            "occupied_s": max(0.0, total - _union(spans["idle" if s["rank"] == 0 else "wait"])),
             "layers_s": _union(spans["layers"]) if spans["layers"] else compute,
         })
     return out

@@ -9,6 +9,9 @@ other ranks it serves the stage and returns once rank 0 closes the pipeline.
 
 from __future__ import annotations
 
+import collections
+import functools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +34,8 @@ from .model.stage import RemoteLayer, layer_arguments
 from .model.quant import check_supported as check_quantize
 from .placement.config import read_config
 from .options import OptionsError, StartOptions
-from .placement.plan import PlanError, StagePlan
+from .placement import remembered
+from .placement.plan import PlanError, StagePlan, parse_layers
 from .runtime.agreement import agree, agree_on
 from .runtime.driver import Driver
 from .runtime.serve import serve
@@ -39,6 +43,7 @@ from .placement.sizing import DEFAULT_RESERVE, choose_plan, head_split, model_si
 from .net.machine import keep_awake, same_machine
 from .net.transport import Transport
 
+log = logging.getLogger("torch_pp")
 
 @dataclass(eq=False)
 class Pipeline:
@@ -55,6 +60,11 @@ class Pipeline:
         device: This rank's device.
         dtype: This rank's compute dtype.
         stage: This rank's loaded share.
+        placements: On rank 0, where this run's measured placement is kept for the next start
+            (``placement.remembered``: its key and folder); None: not kept.
+        decode_windows: On rank 0, the latest generate() calls' decode windows ``(start, end, steps)``.
+        placed_by: What chose the plan: ``"layers"`` (given), ``"measured"`` (kept from an earlier
+            run, see ``placement.remembered``) or the balance (``"memory"``, ``"compute"``, ``"even"``).
     """
 
     model: torch.nn.Module | None
@@ -68,6 +78,9 @@ class Pipeline:
     load_s: float = 0.0  # seconds this rank spent reading its weights
     owns_transport: bool = False  # close() also leaves the process group
     on_close: list[Callable[[], None]] = field(default_factory=list)  # run once, after the stages have ended
+    placements: tuple[dict, Path] | None = None
+    placed_by: str = "memory"
+    decode_windows: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8))
     _closed: bool = False
 
     @property
@@ -128,14 +141,38 @@ class Pipeline:
         Raises:
             PlanError: if the window holds no decode step of every stage.
         """
-        from . import perf
         from .placement.sizing import measured_plan
         from .trace import now
 
-        end = until if until is not None else now()
-        figures = perf.breakdown(self.stats(spans_since=spans_since), start=spans_since, end=end)
-        return measured_plan(model_sizes(read_config(self.model_dir)), self.plan,
-                             occupied_s=[f["occupied_s"] for f in figures], layers_s=[f["layers_s"] for f in figures])
+        occupied, layers = self._decode_figures([(spans_since, until if until is not None else now())])
+        return measured_plan(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied, layers_s=layers)
+
+    def _decode_figures(self, windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+        """Each stage's occupied seconds and seconds in its layers, summed over ``windows`` (see ``perf.breakdown``)."""
+        from . import perf
+
+        occupied, layers = [0.0] * self.plan.num_stages, [0.0] * self.plan.num_stages
+        stages = self.stats(spans_since=min(a for a, _ in windows))
+        for start, end in windows:
+            for f in perf.breakdown(stages, start=start, end=end):
+                occupied[f["rank"]] += f["occupied_s"]
+                layers[f["rank"]] += f["layers_s"]
+        return occupied, layers
+
+    def _remember_placement(self) -> None:
+        """Rank 0, at close: keep the placement this run's decode windows call for (``placement.remembered``)."""
+        windows = [w for w in self.decode_windows if w[2] >= remembered.MIN_STEPS]
+        if self.placements is None or not windows:
+            return
+        occupied, layers = self._decode_figures([(a, b) for a, b, _ in windows])
+        placement = remembered.measure(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied,
+                                       layers_s=layers, steps=sum(steps for _, _, steps in windows),
+                                       tried=remembered.tried(*self.placements))
+        path = remembered.remember(*self.placements, placement)
+        if placement.plan != self.plan:
+            log.info("measured %s ms per decode step on the stages under %s; the next start places %s "
+                     "(predicted %s ms; kept in %s)", "/".join(map(str, placement.occupied_ms)), self.plan.spec(),
+                     placement.plan.spec(), "/".join(map(str, placement.predicted_ms)), path)
 
     def tokenizer(self):
         """The model folder's tokenizer."""
@@ -150,6 +187,10 @@ class Pipeline:
         self._closed = True
         if self.driver is not None:
             if not self.driver.lost:  # after a lost stage there is no ring left to go round
+                try:
+                    self._remember_placement()
+                except Exception as exc:  # noqa: BLE001 - a measurement must never stop a close
+                    log.warning("rank 0 (%s): could not keep this run's measured placement: %s", self.transport.host, exc)
                 self.driver.shutdown()
             self.stage.span.runner = None
         try:
@@ -180,7 +221,10 @@ def start(
             embedded SmolLM2-135M-Instruct.
         options: All start options at once (a ``StartOptions``); or give its fields as keywords:
         layers: Manual plan such as ``"0:10,10:30"``; overrides ``balance``.
-        balance: ``"memory"`` (layers in proportion to each rank's free memory, counting rank 0's
+        balance: ``"auto"`` (the placement measured on these machines at an earlier run of this
+            model with the same options, if it fits the memory now, else ``"memory"``: see
+            ``placement.remembered``; rank 0 measures its decode steps as it runs and keeps what they
+            call for when it closes), ``"memory"`` (layers in proportion to each rank's free memory, counting rank 0's
             embedding and head and the KV cache), ``"compute"`` (equal work per decode token,
             counting rank 0's LM head: best for several lanes) or ``"even"`` (equal layer counts).
             Every placement is checked against each rank's memory.
@@ -223,7 +267,7 @@ def start(
     transport = transport or Transport.from_env()
     awake = keep_awake()  # a Mac that idle-sleeps would be declared lost by the other stages
     try:
-        model_dir, plan, dev, dt, stage, load_s = _prepare_and_load(transport, options)
+        model_dir, plan, dev, dt, stage, load_s, placements, placed_by = _prepare_and_load(transport, options)
     except BaseException:
         if awake is not None:
             awake.terminate()
@@ -233,7 +277,7 @@ def start(
     pipe = Pipeline(
         model=stage.model if transport.rank == 0 else None,
         model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, load_s=load_s,
-        owns_transport=owns,
+        owns_transport=owns, placements=placements, placed_by=placed_by,
     )
     if awake is not None:
         pipe.on_close.append(awake.terminate)
@@ -263,27 +307,47 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         check_quantize(o.quantize, device=dev, dtype=dt)  # refused with the reason, before anything is read
         return model_dir, sizes, dev, dt, model_fingerprint(model_dir), memory
 
-    def place(sizes, dt, rows):
+    def place(sizes, dt, rows, recalled):
         # Ranks on one machine (or one GPU) share its memory.
         available = [r["bytes"] if r["capped"] else r["bytes"] // sum(same_machine(q, r) and q["device"] == r["device"] for q in rows)
                      for r in rows]
         sizes = head_split(sizes, num_stages=transport.world_size, dtype=dtype_name(dt), devices=[r["device"] for r in rows],
                            wanted=o.split_head)
-        plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance, available=available,
-                           dtype=dtype_name(dt), context=o.context, batch=o.batch, quantize=o.quantize)
-        needs = stage_needs(sizes, plan, dtype=dtype_name(dt), context=o.context, batch=o.batch, available=available,
-                            reserve=DEFAULT_RESERVE, quantize=o.quantize)
+        fit = functools.partial(stage_needs, sizes, dtype=dtype_name(dt), context=o.context, batch=o.batch,
+                                available=available, reserve=DEFAULT_RESERVE, quantize=o.quantize)
+        plan, by = None, "measured"
+        if recalled is not None:  # measured on these machines at an earlier run (``placement.remembered``)
+            plan = parse_layers(recalled, num_layers=sizes.num_layers)
+            if not all(s.fits for s in fit(plan)):
+                if transport.rank == 0:
+                    log.warning("the placement measured at an earlier run (%s) does not fit the memory available now; "
+                                "placing by memory", recalled)
+                plan = None
+        if plan is None:
+            plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance,
+                               available=available, dtype=dtype_name(dt), context=o.context, batch=o.batch,
+                               quantize=o.quantize)
+            by = "layers" if o.layers else "memory" if o.balance == "auto" else o.balance
+        needs = fit(plan)
         if not all(s.fits for s in needs):
             raise PlanError(
                 f"the model does not fit this cluster at {dtype_name(dt)} with a {o.context}-token context:\n"
                 + needs_table(needs) + "\nuse a smaller dtype or context, more machines, or `torch_pp plan` to explore"
             )
         cap_memory(dev, available[transport.rank])  # MPS: hold this rank to its share of the Mac's memory
-        return plan, sizes.head_cut
+        return plan, sizes.head_cut, by
 
     model_dir, sizes, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
     rows = transport.all_gather(memory)
-    plan, head_cut = agree(transport, lambda: place(sizes, dt, rows), what="place the model")
+    # Rank 0's folder decides: it measures and keeps placements, and every rank must place alike.
+    where = remembered.folder() if transport.rank == 0 else None
+    key = remembered.key(fingerprint=fingerprint, ranks=rows, dtype=dtype_name(dt), quantize=o.quantize,
+                         split_head=o.split_head, graphs=o.graphs)
+    found = None
+    if o.balance == "auto" and not o.layers:
+        found = remembered.recall(key, where, num_layers=sizes.num_layers, num_stages=transport.world_size)
+    recalled = transport.all_gather(found.spec() if found is not None else None)[0]
+    plan, head_cut, placed_by = agree(transport, lambda: place(sizes, dt, rows, recalled), what="place the model")
     agree_on(transport, {
         "torch_pp_version": __version__, "model": f"fingerprint {fingerprint}",
         "plan": plan.spec(), "dtype": dtype_name(dt), "quantize": o.quantize, "frame_bytes": transport.frame_bytes,
@@ -298,7 +362,7 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
                  time.perf_counter() - load_start),
         what="load the model",
     )
-    return model_dir, plan, dev, dt, stage, load_s
+    return model_dir, plan, dev, dt, stage, load_s, (key, where) if where is not None else None, placed_by
 
 
 def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dtype):
@@ -335,4 +399,5 @@ def _drive(pipe: Pipeline, o: StartOptions) -> None:
             transport.monitor.on_lost = pipe.driver.stage_lost
         prefill.install(stage.model, stage.span, stages=plan.num_stages, local_layers=len(plan.layers_of(0)),
                         chunk=o.prefill_chunk, turn=turn, driver=pipe.driver, device=pipe.device)
-    guard_generate(stage.model, driver=pipe.driver, turn=turn)
+    guard_generate(stage.model, driver=pipe.driver, turn=turn,
+                   on_decode=pipe.decode_windows.append if pipe.driver is not None and pipe.placements else None)

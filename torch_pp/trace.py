@@ -7,7 +7,8 @@ Names: ``compute`` (the stage's own math; on rank 0 its forward passes less the 
 ``layers`` (on rank 0, a forward pass up to its first remote call: the embedding and its own
 decoder layers, inside ``compute``),
 ``send`` (framing and handing a message to Gloo), ``wait`` (blocked on the next message:
-idle time plus the upstream transfer).
+idle time plus the upstream transfer), ``idle`` (on rank 0, while every thread running
+generate() waits for the ring: with lanes, one lane's wait is not idle time).
 """
 
 from __future__ import annotations

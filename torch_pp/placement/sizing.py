@@ -352,10 +352,13 @@ def check_balance(balance: str) -> None:
         raise PlanError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
 
 
-def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None, balance: str = "memory",
+def choose_plan(sizes: ModelSizes, *, num_stages: int, layers: str | None = None, balance: str = "auto",
                 available: list[int] | None = None, dtype: str, context: int, batch: int,
                 reserve: int = DEFAULT_RESERVE, quantize: str | None = None) -> StagePlan:
     """The plan for a run: the manual ``layers`` if given, else the ``balance`` placement.
+
+    ``"auto"`` is ``"memory"`` here: what a run measured on the machines (``placement.remembered``)
+    is for ``start()`` to try first.
 
     Raises:
         PlanError: for a bad manual plan, an unknown balance or more stages than layers.

@@ -98,6 +98,12 @@ class Driver:
         self.lost: str | None = None  # the liveness verdict, once a stage is lost: every call fails with it
         self.in_flight = 0  # threads inside a send or an exchange
         self._count = threading.Lock()
+        # Threads inside generate() (``calling``), and how many of them wait for the ring: rank 0 is
+        # idle only while all of them wait (``idle`` spans). With lanes, one lane's wait is not
+        # idle time while another lane computes (``perf.breakdown``'s occupied time).
+        self.callers = 0
+        self._waiting = 0
+        self._idle_since: float | None = None
 
     def mark_busy(self) -> None:
         """A forward pass starts on rank 0: compute until the next remote call; until the first
@@ -121,6 +127,33 @@ class Driver:
                 self.tracer.add("layers", since, until)
                 self._local.in_layers = False
         return since is not None
+
+    @contextlib.contextmanager
+    def calling(self, threads: int = 1):
+        """``threads`` threads (a call, or its lanes) run generate() steps until the block ends."""
+        with self._count:
+            self.callers += threads
+        try:
+            yield
+        finally:
+            with self._count:
+                self.callers -= threads
+
+    @contextlib.contextmanager
+    def _awaiting(self):
+        """This thread waits for a reply; the last caller to wait begins an ``idle`` span, the first to stop ends it."""
+        with self._count:
+            self._waiting += 1
+            if self._waiting >= max(self.callers, 1) and self._idle_since is None:
+                self._idle_since = now()
+        try:
+            yield
+        finally:
+            with self._count:
+                self._waiting -= 1
+                if self._idle_since is not None:
+                    self.tracer.add("idle", self._idle_since, now())
+                    self._idle_since = None
 
     @property
     def last_rank(self) -> int:
@@ -250,7 +283,8 @@ class Driver:
         with _interrupts_held() as held, self._flight():
             self._put(message)
             t1 = now()
-            reply = self._replies.await_reply(request)
+            with self._awaiting():
+                reply = self._replies.await_reply(request)
             self.tracer.add("wait", t1, now())
             if head is not None and reply.op == Op.RESULT:
                 reply = self._join_head(reply, head, message.meta["head"])
@@ -267,7 +301,8 @@ class Driver:
             head.begin(reply.tensors[0])
             t1 = stamp(self.device)  # after the device finished (the span must not overlap another thread's)
         self.tracer.add("compute", t0, t1)
-        tail = self._replies.await_reply(request)
+        with self._awaiting():
+            tail = self._replies.await_reply(request)
         self.tracer.add("wait", t1, now())
         if tail.op != Op.RESULT:
             return tail
