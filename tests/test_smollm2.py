@@ -42,7 +42,8 @@ def test_two_stages_equal_single_process_transformers(smol_run):
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, "--output json prints exactly one line on rank 0's stdout"
     result = json.loads(lines[0])
-    assert set(result) == {"text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "stages"}
+    assert set(result) == {"text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "placement", "stages"}
+    assert result["placement"] == {"layers": "0:15,15:30", "by": "memory"}  # (kept placements are off in the tests)
 
     tok = AutoTokenizer.from_pretrained(folder)
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(TEST_DEVICE).eval()
@@ -81,8 +82,32 @@ def test_compute_balance_moves_layers_off_rank0_with_the_same_tokens(smol_run, t
     assert balanced.returncode == 0, balanced.stderr[-3000:]
     result = json.loads(balanced.stdout.strip().splitlines()[-1])
     assert [s["layers"] for s in result["stages"]] == [[0, 11], [11, 30]]  # rank 0 also multiplies the LM head
+    assert result["placement"] == {"layers": "0:11,11:30", "by": "compute"}
     assert all("head_rows" not in s for s in result["stages"])
     assert result["token_ids"] == json.loads(run.stdout.strip().splitlines()[-1])["token_ids"]
+
+
+def test_the_next_run_starts_from_the_placement_this_run_measured(smol_run, torch_pp_cache, tmp_path):
+    """The quick start's job twice with one placements folder: the first keeps what its decode steps
+    measured, the second is placed by it, with the same tokens."""
+    run, _ = smol_run
+    env = {"TORCH_PP_CACHE": str(torch_pp_cache), "TORCH_PP_PLACEMENTS": str(tmp_path)}
+    cmd = ["torch_pp", "generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "24", "--min-new-tokens", "24",
+           "--output", "json", "--no-progress", "--dtype", "float32"]  # (the answer alone is 7 steps: under the 16 a run needs)
+    results, kept = [], []
+    for _ in range(2):
+        again = torchrun(2, cmd, module=True, env=env, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        results.append(json.loads(again.stdout.strip().splitlines()[-1]))
+        kept.append([json.loads(p.read_text()) for p in tmp_path.glob("*.json")])
+    assert len(kept[0]) == 1 and kept[0][0]["measured_under"] == "0:15,15:30", kept
+    assert kept[0][0]["steps"] == 23  # 24 tokens: 23 decode steps
+    assert [r["placement"] for r in results] == [{"layers": "0:15,15:30", "by": "memory"},
+                                                 {"layers": kept[0][0]["plan"], "by": "measured"}]
+    assert set(kept[1][0]["tried_ms_per_step"]) >= {"0:15,15:30", kept[0][0]["plan"]}  # one file, both runs' paces
+    assert len(results[0]["token_ids"]) == 24 and results[0]["token_ids"] == results[1]["token_ids"]
+    first = json.loads(run.stdout.strip().splitlines()[-1])["token_ids"]
+    assert results[0]["token_ids"][:len(first) - 1] == first[:-1]  # up to the end-of-sequence it may not take yet
 
 
 def test_text_output_streams_on_rank0_only(smol_run, torch_pp_cache):

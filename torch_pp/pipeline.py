@@ -80,7 +80,7 @@ class Pipeline:
     on_close: list[Callable[[], None]] = field(default_factory=list)  # run once, after the stages have ended
     placements: tuple[dict, Path] | None = None
     placed_by: str = "memory"
-    decode_windows: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8))
+    decode_windows: collections.deque = field(default_factory=lambda: collections.deque(maxlen=remembered.WINDOWS))
     _closed: bool = False
 
     @property
@@ -161,8 +161,8 @@ class Pipeline:
 
     def _remember_placement(self) -> None:
         """Rank 0, at close: keep the placement this run's decode windows call for (``placement.remembered``)."""
-        windows = [w for w in self.decode_windows if w[2] >= remembered.MIN_STEPS]
-        if self.placements is None or not windows:
+        windows = list(self.decode_windows)
+        if self.placements is None or sum(steps for _, _, steps in windows) < remembered.MIN_STEPS:
             return
         occupied, layers = self._decode_figures([(a, b) for a, b, _ in windows])
         placement = remembered.measure(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied,

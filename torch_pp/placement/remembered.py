@@ -37,7 +37,8 @@ log = logging.getLogger("torch_pp")
 
 SCHEMA = 1
 MIN_GAIN = 0.03  # a plan is changed only for a predicted pace at least 3% better (measurements move by ~1-2%)
-MIN_STEPS = 8  # decode steps a window needs to count
+MIN_STEPS = 16  # decode steps a run needs to keep a placement (a chat answer can be a few steps: calls add up)
+WINDOWS = 32  # the latest calls whose decode steps count
 
 
 @dataclass(frozen=True)
