@@ -53,6 +53,16 @@ def breakdown(stages: list[dict], *, start: float, end: float) -> list[dict]:
     return out
 
 
+def window_figures(stages: list[dict], windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Each stage's ``occupied_s`` and ``layers_s`` (see ``breakdown``), summed over ``windows``, in rank order."""
+    occupied, layers = [0.0] * len(stages), [0.0] * len(stages)
+    for start, end in windows:
+        for f in breakdown(stages, start=start, end=end):
+            occupied[f["rank"]] += f["occupied_s"]
+            layers[f["rank"]] += f["layers_s"]
+    return occupied, layers
+
+
 def chrome_trace(stages: list[dict], *, start: float | None = None) -> dict:
     """A Chrome/Perfetto trace (``chrome://tracing``, ui.perfetto.dev): one track per stage."""
     t0 = start if start is not None else min((a for s in stages for _, a, _ in s.get("spans", [])), default=0.0)

@@ -141,33 +141,26 @@ class Pipeline:
         Raises:
             PlanError: if the window holds no decode step of every stage.
         """
+        from .perf import window_figures
         from .placement.sizing import measured_plan
         from .trace import now
 
-        occupied, layers = self._decode_figures([(spans_since, until if until is not None else now())])
+        occupied, layers = window_figures(self.stats(spans_since=spans_since),
+                                          [(spans_since, until if until is not None else now())])
         return measured_plan(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied, layers_s=layers)
-
-    def _decode_figures(self, windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
-        """Each stage's occupied seconds and seconds in its layers, summed over ``windows`` (see ``perf.breakdown``)."""
-        from . import perf
-
-        occupied, layers = [0.0] * self.plan.num_stages, [0.0] * self.plan.num_stages
-        stages = self.stats(spans_since=min(a for a, _ in windows))
-        for start, end in windows:
-            for f in perf.breakdown(stages, start=start, end=end):
-                occupied[f["rank"]] += f["occupied_s"]
-                layers[f["rank"]] += f["layers_s"]
-        return occupied, layers
 
     def _remember_placement(self) -> None:
         """Rank 0, at close: keep the placement this run's decode windows call for (``placement.remembered``)."""
+        from .perf import window_figures
+
         windows = list(self.decode_windows)
-        if self.placements is None or sum(steps for _, _, steps in windows) < remembered.MIN_STEPS:
+        steps = sum(n for _, _, n in windows)
+        if self.placements is None or steps < remembered.MIN_STEPS:
             return
-        occupied, layers = self._decode_figures([(a, b) for a, b, _ in windows])
+        occupied, layers = window_figures(self.stats(spans_since=min(a for a, _, _ in windows)),
+                                          [(a, b) for a, b, _ in windows])
         placement = remembered.measure(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied,
-                                       layers_s=layers, steps=sum(steps for _, _, steps in windows),
-                                       tried=remembered.tried(*self.placements))
+                                       layers_s=layers, steps=steps, tried=remembered.tried(*self.placements))
         path = remembered.remember(*self.placements, placement)
         if placement.plan != self.plan:
             log.info("measured %s ms per decode step on the stages under %s; the next start places %s "
@@ -315,20 +308,20 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
                            wanted=o.split_head)
         fit = functools.partial(stage_needs, sizes, dtype=dtype_name(dt), context=o.context, batch=o.batch,
                                 available=available, reserve=DEFAULT_RESERVE, quantize=o.quantize)
-        plan, by = None, "measured"
-        if recalled is not None:  # measured on these machines at an earlier run (``placement.remembered``)
-            plan = parse_layers(recalled, num_layers=sizes.num_layers)
-            if not all(s.fits for s in fit(plan)):
-                if transport.rank == 0:
-                    log.warning("the placement measured at an earlier run (%s) does not fit the memory available now; "
-                                "placing by memory", recalled)
-                plan = None
+        # A plan measured on these machines at an earlier run (``placement.remembered``), if it still fits.
+        plan, by = (parse_layers(recalled, num_layers=sizes.num_layers), "measured") if recalled else (None, None)
+        needs = fit(plan) if plan is not None else None
+        if needs is not None and not all(s.fits for s in needs):
+            if transport.rank == 0:
+                log.warning("the placement measured at an earlier run (%s) does not fit the memory available now; "
+                            "placing by memory", recalled)
+            plan = None
         if plan is None:
             plan = choose_plan(sizes, num_stages=transport.world_size, layers=o.layers, balance=o.balance,
                                available=available, dtype=dtype_name(dt), context=o.context, batch=o.batch,
                                quantize=o.quantize)
             by = "layers" if o.layers else "memory" if o.balance == "auto" else o.balance
-        needs = fit(plan)
+            needs = fit(plan)
         if not all(s.fits for s in needs):
             raise PlanError(
                 f"the model does not fit this cluster at {dtype_name(dt)} with a {o.context}-token context:\n"
