@@ -1,8 +1,10 @@
 """Test hosts on one machine: Linux network namespaces joined by veth pairs to a bridge.
 
 Each host is a namespace with its own ``eth0`` address on 10.77.<subnet>.0/24 and (through
-``unshare --uts``) its own hostname. The bridge lives in a hub namespace, so the machine's
-own network is untouched. ``close()`` kills every process in the namespaces and deletes them.
+``unshare --uts``) its own hostname, or, with ``own_hostnames=False``, the machine's hostname
+and machine id, as clones of one image have. The bridge lives in a hub namespace, so the
+machine's own network is untouched. ``close()`` kills every process in the namespaces and
+deletes them.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ def _ip(*args: str) -> None:
 
 
 class Cluster:
-    """``n`` hosts on one bridge; ``host i`` has address ``addr(i)`` and hostname ``host<i>``."""
+    """``n`` hosts on one bridge; ``host i`` has address ``addr(i)`` and hostname ``host<i>``
+    (the machine's own with ``own_hostnames=False``)."""
 
-    def __init__(self, n: int, *, subnet: int) -> None:
-        self.n, self.subnet = n, subnet
+    def __init__(self, n: int, *, subnet: int, own_hostnames: bool = True) -> None:
+        self.n, self.subnet, self.own_hostnames = n, subnet, own_hostnames
         self.tag = f"t{os.getpid() % 10000}s{subnet}"
         self.hub = f"{self.tag}hub"
         self.names = [f"{self.tag}n{i}" for i in range(n)]
@@ -90,14 +93,23 @@ class Cluster:
                 _ip("-n", ns, "route", "add", f"10.66.{self.subnet}.0/24", "via", f"10.77.{self.subnet}.250")
         return addr
 
-    def node(self, i: int, args: list[str], *, env: dict | None = None, port: int = 29600, iface: str = "eth0") -> subprocess.Popen:
-        """Start ``launch/node.sh`` on host i with ``-- args``."""
-        launch = [
-            "bash", str(ROOT / "launch" / "node.sh"), "--nnodes", str(self.n), "--node-rank", str(i),
-            "--master-addr", self.addr(0), "--master-port", str(port), "--iface", iface, "--threads", "1", "--", *args,
-        ]
-        cmd = ["ip", "netns", "exec", self.names[i], "unshare", "--uts", "sh", "-c", f'hostname host{i} && exec "$@"', "sh", *launch]
-        full_env = {**os.environ, "TORCH_PP_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **(env or {})}
+    def node(self, i: int, args: list[str], *, env: dict | None = None, port: int = 29600, iface: str | None = "eth0") -> subprocess.Popen:
+        """Start ``launch/node.sh`` on host i with ``-- args``; with ``iface=None``, plain torchrun
+        with no GLOO_SOCKET_IFNAME (as a user who skips the launcher starts it)."""
+        if iface is None:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.n), "--node-rank", str(i),
+                      "--nproc-per-node", "1", "--master-addr", self.addr(0), "--master-port", str(port), "-m", "torch_pp", *args]
+        else:
+            launch = [
+                "bash", str(ROOT / "launch" / "node.sh"), "--nnodes", str(self.n), "--node-rank", str(i),
+                "--master-addr", self.addr(0), "--master-port", str(port), "--iface", iface, "--threads", "1", "--", *args,
+            ]
+        cmd = ["ip", "netns", "exec", self.names[i]]
+        if self.own_hostnames:
+            cmd += ["unshare", "--uts", "sh", "-c", f'hostname host{i} && exec "$@"', "sh"]
+        full_env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}
+        full_env.update({"TORCH_PP_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+        cmd += launch
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT, start_new_session=True)
         self.procs.append(proc)
         return proc

@@ -4,7 +4,8 @@ import pytest
 
 from torch_pp.errors import TransportError
 from torch_pp.net.link import SimulatedLink
-from torch_pp.net.rendezvous import check_hellos
+from torch_pp.net.machine import store_route
+from torch_pp.net.rendezvous import advertised_address, check_hellos, gloo_address, on_one_machine
 
 
 def hello(host, os_name="Linux", address="10.0.0.1", iface="eth0"):
@@ -25,6 +26,36 @@ def test_loopback_across_machines_is_refused():
 def test_interface_without_address():
     with pytest.raises(TransportError, match="GLOO_SOCKET_IFNAME=en9 has no IPv4 address"):
         check_hellos({0: hello("a"), 1: hello("b", address=None, iface="en9")})
+
+
+def clone(route, *, iface=None, address=None):
+    """A hello from one of several machines cloned from one image: same host name and machine id."""
+    return {"host": "vm", "machine": "id-1", "route": route, "os": "Linux", "iface": iface, "address": address or route}
+
+
+def test_an_explicit_interface_is_never_overridden():
+    # One machine (same id, host and route): loopback unless an interface was named.
+    alike = {0: clone("127.0.0.1", address="10.0.0.5"), 1: clone("127.0.0.1", address="10.0.0.5")}
+    assert on_one_machine(alike) and gloo_address(alike, 1) == "127.0.0.1"
+    named = {0: clone("127.0.0.1", iface="eth0", address="10.0.0.5"), 1: clone("127.0.0.1", iface="eth0", address="10.0.0.5")}
+    assert [gloo_address(named, r) for r in (0, 1)] == ["10.0.0.5", "10.0.0.5"]
+    check_hellos(named)
+
+
+def test_clones_are_told_apart_by_the_address_that_reaches_the_store():
+    clones = {0: clone("10.99.0.1", iface="veth0"), 1: clone("10.99.0.2", iface="veth1")}
+    assert not on_one_machine(clones)
+    assert [gloo_address(clones, r) for r in (0, 1)] == ["10.99.0.1", "10.99.0.2"]
+    unnamed = {0: clone("10.99.0.1"), 1: clone("10.99.0.2")}
+    assert [gloo_address(unnamed, r) for r in (0, 1)] == ["10.99.0.1", "10.99.0.2"]
+    check_hellos(unnamed)
+
+
+def test_the_address_advertised_without_an_interface_is_the_one_that_reaches_the_store():
+    assert store_route("127.0.0.1", 29500) == "127.0.0.1"
+    assert advertised_address(None, route="10.99.0.2") == "10.99.0.2"
+    assert advertised_address(None, route="127.0.0.1") != "10.99.0.2"  # loopback: the hostname's address instead
+    assert advertised_address("lo", route="10.99.0.2") == "127.0.0.1"  # a named interface wins
 
 
 def test_simulated_link_specs():

@@ -91,11 +91,12 @@ def test_device_turn_goes_to_waiters_in_arrival_order_and_wakes_only_the_next():
     assert wakes == list(range(6)), wakes  # each release woke exactly the next waiter
 
 
-def test_machines_are_told_apart_by_id_and_hostname():
-    a = {"host": "studio", "machine": "uuid-1"}
-    assert same_machine(a, {"host": "studio", "machine": "uuid-1"})
-    assert not same_machine(a, {"host": "studio", "machine": "uuid-2"})  # a cloned Mac
-    assert not same_machine(a, {"host": "host1", "machine": "uuid-1"})  # a network-namespace test host
+def test_machines_are_told_apart_by_id_hostname_and_route():
+    a = {"host": "studio", "machine": "uuid-1", "route": "10.0.0.1"}
+    assert same_machine(a, {"host": "studio", "machine": "uuid-1", "route": "10.0.0.1"})
+    assert not same_machine(a, {"host": "studio", "machine": "uuid-2", "route": "10.0.0.1"})  # a cloned Mac
+    assert not same_machine(a, {"host": "host1", "machine": "uuid-1", "route": "10.0.0.1"})  # a network-namespace test host
+    assert not same_machine(a, {"host": "studio", "machine": "uuid-1", "route": "10.0.0.2"})  # a clone of the whole image
 
 
 def test_doctor_flags_what_breaks_a_mac():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 
 import psutil
@@ -29,9 +30,9 @@ def smol(smol_reference):
     return folder, want
 
 
-def run_cluster(cluster: netns.Cluster, args: list[str], *, timeout: float = 240, per_host_env=None):
+def run_cluster(cluster: netns.Cluster, args: list[str], *, timeout: float = 240, per_host_env=None, iface: str | None = "eth0"):
     port = free_port()
-    procs = [cluster.node(i, args, port=port, env=(per_host_env or {}).get(i)) for i in range(cluster.n)]
+    procs = [cluster.node(i, args, port=port, env=(per_host_env or {}).get(i), iface=iface) for i in range(cluster.n)]
     outs = []
     for p in procs:
         try:
@@ -41,6 +42,21 @@ def run_cluster(cluster: netns.Cluster, args: list[str], *, timeout: float = 240
             raise
         outs.append((p.returncode, out, err))
     return outs
+
+
+def await_generation(proc, *, timeout: float = 240) -> None:
+    """Wait until rank 0 has printed some of its answer (the pipeline is up and decoding)."""
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    seen, deadline = b"", time.monotonic() + timeout
+    while len(seen) < 40 and time.monotonic() < deadline:
+        try:
+            seen += os.read(fd, 65536)
+        except BlockingIOError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    assert len(seen) >= 40, "generation did not start"
 
 
 @pytest.mark.parametrize("hosts", [2, 3])
@@ -57,6 +73,56 @@ def test_hosts_give_the_single_host_tokens(smol, hosts):
     assert all(out.strip() == "" for _, out, _ in outs[1:]), "only rank 0 writes to stdout"
 
 
+@pytest.mark.parametrize("iface", ["eth0", None], ids=["GLOO_SOCKET_IFNAME", "no-interface"])
+def test_look_alike_hosts_give_the_single_host_tokens(smol, iface):
+    """Two hosts with one host name and machine id (clones of one image): each binds Gloo to its
+    own link address, the named interface's or the one it reaches the store from, not loopback."""
+    folder, want = smol
+    with netns.Cluster(2, subnet=70 if iface else 71, own_hostnames=False) as cluster:
+        outs = run_cluster(cluster, ["generate", "--model", str(folder), "--prompt", PROMPT, "--chat",
+                                     "--max-new-tokens", str(NEW), "--output", "json", "--no-progress"], iface=iface)
+        doctor = run_cluster(cluster, ["doctor", "--output", "json"], iface=iface, timeout=180)
+    for code, _, err in outs + doctor:
+        assert code == 0, err[-3000:]
+    result = json.loads(outs[0][1].strip().splitlines()[-1])
+    assert result["token_ids"] == want
+    assert [s["host"] for s in result["stages"]] == [socket.gethostname()] * 2
+    report = json.loads(doctor[0][1].strip().splitlines()[-1])
+    subnet = 70 if iface else 71
+    assert [n["gloo_address"] for n in report["nodes"]] == [f"10.77.{subnet}.1", f"10.77.{subnet}.2"]
+    assert [n["iface"] for n in report["nodes"]] == [iface, iface]
+    # what told them apart: same machine id, two routes to the store
+    assert [n["machine_seen_as"].split(" via ")[1] for n in report["nodes"]] == [f"10.77.{subnet}.1", f"10.77.{subnet}.2"]
+
+
+def test_a_worker_whose_torchrun_agent_is_killed_exits(smol):
+    """The harness kills host 1's launch (SIGKILL of torchrun's process group): its worker, in a
+    session of its own, sees its agent gone and exits within 15 s with a message."""
+    folder, _ = smol
+    with netns.Cluster(2, subnet=72, own_hostnames=False) as cluster:
+        port = free_port()
+        args = ["generate", "--model", str(folder), "--prompt", "Tell me a long story.", "--chat",
+                "--max-new-tokens", "2000", "--min-new-tokens", "2000", "--no-progress"]
+        procs = [cluster.node(i, args, port=port, env={"TORCH_PP_JOIN_TIMEOUT": "120"}) for i in range(2)]
+        await_generation(procs[0])
+        cmdlines = {p: " ".join(psutil.Process(p).cmdline()) for p in cluster.pids(1)}
+        agent = next(p for p, c in cmdlines.items() if "torch.distributed.run" in c)
+        workers = [p for p, c in cmdlines.items() if "-m torch_pp" in c and "torch.distributed.run" not in c]
+        assert workers, cmdlines
+        os.killpg(os.getpgid(agent), signal.SIGKILL)
+        start = time.monotonic()
+        while any(psutil.pid_exists(w) and psutil.Process(w).status() != psutil.STATUS_ZOMBIE for w in workers) \
+                and time.monotonic() - start < 30:
+            time.sleep(0.1)
+        gone_s = time.monotonic() - start
+        _, err1 = procs[1].communicate(timeout=30)
+        procs[0].wait(timeout=60)
+        err0 = procs[0].stderr.read()
+    assert gone_s <= 15, f"the worker lived {gone_s:.1f} s after its agent"
+    assert "rank 1 on " in err1 and "the torchrun agent that started this worker" in err1, err1[-3000:]
+    assert procs[0].returncode != 0 and "lost stage 1" in err0, err0[-3000:]
+
+
 def test_killed_host_stops_every_other_host(smol):
     folder, _ = smol
     with netns.Cluster(3, subnet=20) as cluster:
@@ -64,17 +130,7 @@ def test_killed_host_stops_every_other_host(smol):
         args = ["generate", "--model", str(folder), "--prompt", "Tell me a long story.", "--chat",
                 "--max-new-tokens", "2000", "--min-new-tokens", "2000", "--no-progress"]
         procs = [cluster.node(i, args, port=port) for i in range(3)]
-        fd = procs[0].stdout.fileno()
-        os.set_blocking(fd, False)
-        seen, deadline = b"", time.monotonic() + 240
-        while len(seen) < 40 and time.monotonic() < deadline:
-            try:
-                seen += os.read(fd, 65536)
-            except BlockingIOError:
-                pass
-            assert procs[0].poll() is None, procs[0].stderr.read()[-3000:]
-            time.sleep(0.2)
-        assert len(seen) >= 40, "generation did not start"
+        await_generation(procs[0])
         victims = [p for p in cluster.pids(1) if "torch_pp" in " ".join(psutil.Process(p).cmdline()) and "torch.distributed.run" not in " ".join(psutil.Process(p).cmdline())]
         assert victims, "no stage process in host 1"
         for pid in victims:

@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 
+from .net.liveness import watch_launcher
 from .options import BALANCES, DTYPE_NAMES, QUANTIZE_MODES, OptionsError, Settings, StartOptions, check_generation_args, parse_bytes
 from .placement.plan import PlanError, check_stage_count
 
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m torch_pp``; returns the process exit code."""
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    watch_launcher(rank=rank)
     prefix = "torch_pp: error: " if rank == 0 else f"torch_pp: rank {rank}: "
     serving = args.command == "serve"
     if args.command in ("generate", "serve"):

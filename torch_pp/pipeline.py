@@ -294,7 +294,8 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         config = read_config(model_dir)
         sizes = model_sizes(config)  # refuses a model whose layers are not where archs.LAYOUT says, before any weight
         dev = pick_device(o.device, local_rank=transport.local_rank)
-        memory = {"host": transport.host, "machine": transport.hellos[transport.rank].get("machine"), "device": str(dev), "capped": o.max_memory is not None,
+        hello = transport.hellos[transport.rank]
+        memory = {"host": transport.host, "machine": hello.get("machine"), "route": hello.get("route"), "device": str(dev), "capped": o.max_memory is not None,
                   "bytes": o.max_memory if o.max_memory is not None else memory_available(dev)}
         dt = pick_dtype(o.dtype, dev, checkpoint_dtype(config))
         check_quantize(o.quantize, device=dev, dtype=dt)  # refused with the reason, before anything is read

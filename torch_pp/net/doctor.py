@@ -19,6 +19,7 @@ import torch
 from ..devices import memory_available, pick_device, supported_dtypes
 from ..tables import table
 from .link import Link
+from .machine import machine_key, machine_label
 from .transport import Transport
 from .wire import Message, Op
 
@@ -98,10 +99,11 @@ def run(t: Transport, *, device: str | None, message_bytes: int, expect_gbit: fl
         q = n.get("quantize")
         if q and q["refused"]:
             problems.append(f"rank {n['rank']} on {n['host']}: {q['refused']}")
-    hosts = {n["host"] for n in nodes}
+    several = len({machine_key(n) for n in nodes}) > 1
     for n in nodes:
-        if len(hosts) > 1 and n["address"] and n["address"].startswith("127."):
-            problems.append(f"rank {n['rank']} on {n['host']} advertises loopback {n['address']}: set GLOO_SOCKET_IFNAME")
+        n["machine_seen_as"] = machine_label(n)
+        if several and n["gloo_address"] and n["gloo_address"].startswith("127."):
+            problems.append(f"rank {n['rank']} on {n['host']} advertises loopback {n['gloo_address']}: set GLOO_SOCKET_IFNAME")
     if links:
         median_bw = statistics.median(link["gbit_per_s"] for link in links)
         for link in links:
@@ -158,10 +160,10 @@ def mac_checks(node: dict) -> tuple[list[str], list[str]]:
 def format_report(report: dict) -> str:
     """The human table for rank 0's stdout."""
     lines = []
-    head = ["rank", "host", "os", "python", "torch", "transformers", "torch_pp", "device", "dtypes", "mem avail", "address"]
-    rows = [[str(n["rank"]), n["host"], n["os"], n["python"], n["torch"], n["transformers"], n["torch_pp"], n["device"],
+    head = ["rank", "host", "machine", "os", "python", "torch", "transformers", "torch_pp", "device", "dtypes", "mem avail", "address"]
+    rows = [[str(n["rank"]), n["host"], n["machine_seen_as"], n["os"], n["python"], n["torch"], n["transformers"], n["torch_pp"], n["device"],
              ",".join(d.replace("float", "f").replace("bf", "bf") for d in n["dtypes"]),
-             f"{n['memory_available_bytes'] / 2**30:.1f} GiB", f"{n['address']} ({n['iface'] or 'default'})"] for n in report["nodes"]]
+             f"{n['memory_available_bytes'] / 2**30:.1f} GiB", f"{n['gloo_address'] or n['address']} ({n['iface'] or 'default'})"] for n in report["nodes"]]
     lines += table(head, rows)
     if report["links"]:
         lines.append("")

@@ -54,6 +54,33 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def watch_launcher(*, rank: int, interval_s: float = 1.0) -> threading.Thread | None:
+    """Under torchrun, end this worker within seconds once the agent that started it is gone.
+
+    torchrun starts each worker in a session of its own, so a kill of the agent's process group
+    (a harness's timeout, ``kill -9`` of the launch command) leaves the worker running under
+    init, waiting for peers until its join deadline or for ever. Watched from the first line of
+    ``main``, before the rendezvous, since that is where such a worker waits. Returns the watching
+    daemon thread (None when not started by torchrun).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent and _alive(agent):
+            time.sleep(interval_s)
+        import socket
+
+        print(f"torch_pp: error: rank {rank} on {socket.gethostname()}: the torchrun agent that started this worker "
+              f"(pid {agent}) is gone; stopping. Start torchrun on this machine again", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="torch_pp-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What the watching found, for the one policy that acts on it (``Monitor._act``).

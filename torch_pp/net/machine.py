@@ -1,8 +1,10 @@
 """The machine a rank runs on: telling machines apart, and keeping a Mac awake while it serves.
 
 Ranks on one machine share its memory and can see each other's processes. A hostname is not
-enough to tell machines apart (cloned Macs share one) and neither is a machine id
-(network-namespace test hosts share the real machine's); the pair tells them apart in both cases.
+enough to tell machines apart (cloned Macs share one), nor is a machine id (network-namespace
+test hosts share the real machine's), nor both together: containers and VMs cloned from one
+image, and namespaces that keep the host's name, share both. What clones never share is the
+address they reach the rendezvous store from (``store_route``), so a machine is all three.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import socket
 import subprocess
 
 
@@ -46,10 +49,42 @@ def _hardware_address() -> str | None:
     return None if node >> 40 & 1 else f"{node:012x}"  # the multicast bit marks a random stand-in
 
 
+def store_route(addr: str, port: int) -> str | None:
+    """The local address this process reaches ``addr`` from (what the kernel's routing picks), or None.
+
+    Every process of one machine reaches a given address from the same local address (127.0.0.1
+    for a loopback store, the machine's own address on the link otherwise); two machines never do,
+    however alike they are. Connecting a UDP socket sends nothing: it only asks for the route.
+    """
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    for family, _, _, _, sockaddr in sorted(infos, key=lambda info: info[0] != socket.AF_INET):  # IPv4 first
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(sockaddr)
+                return s.getsockname()[0]
+        except OSError:
+            continue
+    return None
+
+
+def machine_key(facts: dict) -> tuple:
+    """What tells one machine from another in a rank's facts (a hello, or a row built from one):
+    its machine id, hostname and the address it reaches the store from."""
+    return facts.get("machine"), facts["host"], facts.get("route")
+
+
 def same_machine(a: dict, b: dict) -> bool:
-    """Whether two hellos come from one machine: the same machine id and hostname (cloned Macs share
-    a hostname, network-namespace test hosts share a machine id; neither shares both)."""
-    return (a.get("machine"), a["host"]) == (b.get("machine"), b["host"])
+    """Whether two ranks' facts come from one machine (see ``machine_key``)."""
+    return machine_key(a) == machine_key(b)
+
+
+def machine_label(facts: dict) -> str:
+    """A short text naming what ``machine_key`` compared, for ``doctor``."""
+    mid = facts.get("machine")
+    return f"{mid[:8] if mid else 'no id'} via {facts.get('route') or '?'}"
 
 
 def keep_awake() -> subprocess.Popen | None:

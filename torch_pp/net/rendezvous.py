@@ -21,19 +21,27 @@ import torch
 import torch.distributed as dist
 
 from ..errors import TransportError
-from .machine import machine_id, same_machine
+from .machine import machine_id, same_machine, store_route
 
 
-def local_info() -> dict:
-    """This process's facts for the start-up hello and ``doctor``."""
+def local_info(*, store_addr: str | None = None, store_port: int = 0) -> dict:
+    """This process's facts for the start-up hello and ``doctor``.
+
+    Args:
+        store_addr: The rendezvous store's address (None for a single process): the local address
+            that reaches it (``route``) tells machines apart and is what Gloo advertises by default.
+        store_port: The store's port.
+    """
     import transformers
 
     from .._version import __version__
 
-    iface = os.environ.get("GLOO_SOCKET_IFNAME")
+    iface = os.environ.get("GLOO_SOCKET_IFNAME") or None
+    route = store_route(store_addr, store_port) if store_addr else None
     return {
         "host": socket.gethostname(),
         "machine": machine_id(),
+        "route": route,
         "pid": os.getpid(),
         "os": platform.system(),
         "os_release": platform.release(),
@@ -42,12 +50,13 @@ def local_info() -> dict:
         "transformers": transformers.__version__,
         "torch_pp": __version__,
         "iface": iface,
-        "address": advertised_address(iface),
+        "address": advertised_address(iface, route=route),
     }
 
 
-def advertised_address(iface: str | None) -> str | None:
-    """The IPv4 address Gloo will advertise: the interface's, else the hostname's."""
+def advertised_address(iface: str | None, *, route: str | None = None) -> str | None:
+    """The IPv4 address Gloo will advertise: the named interface's (None if it has none); else the
+    address this rank reaches the store from, unless that is loopback; else the hostname's."""
     if iface:
         import psutil
 
@@ -55,6 +64,8 @@ def advertised_address(iface: str | None) -> str | None:
             if addr.family == socket.AF_INET:
                 return addr.address
         return None
+    if route and ipaddress.ip_address(route).version == 4 and not ipaddress.ip_address(route).is_loopback:
+        return route  # the other ranks reach the store's machine, and it reaches us back, on this link
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
@@ -86,6 +97,7 @@ def check_hellos(hellos: dict[int, dict]) -> None:
 
 
 def on_one_machine(hellos: dict[int, dict]) -> bool:
+    """Whether every rank runs on one machine (see ``machine.machine_key``)."""
     first = next(iter(hellos.values()))
     return all(same_machine(first, h) for h in hellos.values())
 
@@ -95,10 +107,15 @@ def gloo_address(hellos: dict[int, dict], rank: int) -> str:
 
     Gloo left to itself takes the first address of GLOO_SOCKET_IFNAME of any family (macOS
     lists the IPv6 link-local one first, which the other Mac may not reach) or resolves the
-    hostname (mDNS on a Mac). So it is told: 127.0.0.1 when every rank is on this machine,
-    else the IPv4 address that the hello reported and that ``doctor`` shows.
+    hostname (mDNS on a Mac). So it is told: the named interface's IPv4 address whenever
+    GLOO_SOCKET_IFNAME names one (never overridden: the user knows the link); else 127.0.0.1
+    when every rank is on this machine; else the address the hello reported (the one this rank
+    reaches the store from). ``doctor`` shows the address and what told the machines apart.
     """
-    return "127.0.0.1" if on_one_machine(hellos) else hellos[rank]["address"]
+    me = hellos[rank]
+    if me["iface"]:
+        return me["address"]
+    return "127.0.0.1" if on_one_machine(hellos) else me["address"]
 
 
 def join_failure(store, hellos: dict[int, dict], *, rank: int, address: str, seconds: float, exc: Exception) -> str:
@@ -145,7 +162,7 @@ class Rendezvous:
             self.base = dist.TCPStore(addr, port, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
                                       wait_for_workers=False) if host_store else self.client()
             self.store = dist.PrefixStore("torch_pp/", self.base)
-            self.store.set(f"hello/{rank}", json.dumps(local_info()))
+            self.store.set(f"hello/{rank}", json.dumps(local_info(store_addr=addr, store_port=port)))
             keys = [f"hello/{r}" for r in range(world_size)]
             self.store.wait(keys, timedelta(seconds=timeout_s))
             self.hellos = {r: json.loads(self.store.get(k)) for r, k in enumerate(keys)}

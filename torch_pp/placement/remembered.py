@@ -108,7 +108,8 @@ def key(*, fingerprint: str, ranks: list[dict], dtype: str, quantize: str | None
         graphs: bool | None) -> dict:
     """What a measurement holds for: the model, each rank's machine and device (``ranks``: the
     start-up's memory rows), and the options that change a step's time."""
-    # A machine is its id and host name together, as for ``net.machine.same_machine``.
+    # A machine is its id and host name together: the address that reaches the store (which
+    # ``net.machine.same_machine`` compares too) may change between runs, the measurement does not.
     return {"schema": SCHEMA, "model": fingerprint, "ranks": [[r.get("machine"), r["host"], r["device"]] for r in ranks],
             "dtype": dtype, "quantize": quantize, "split_head": split_head, "graphs": graphs}
 
