@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from torch_pp.generate import TokenTimer
+from torch_pp.streamers import TokenTimer
 from torch_pp.net.rendezvous import free_port  # noqa: F401 - the benchmarks' one free_port
 from torch_pp.tables import table
 

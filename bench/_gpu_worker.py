@@ -56,7 +56,7 @@ def measure(model, device, spec: dict) -> dict:
 
 
 def measure_once(model, device, spec: dict) -> dict:
-    from torch_pp.generate import TokenTimer
+    from torch_pp.streamers import TokenTimer
 
     kw = dict(do_sample=False, pad_token_id=0)
     if spec.get("lanes") is not None:
@@ -124,14 +124,14 @@ def main() -> None:
         # waits for the stages minus their compute, and where one decode step's time goes per stage.
         from torch_pp.trace import now
 
-        remote0, calls0, t0 = pipe.driver.remote_s, pipe.driver.calls, now()
+        remote0, calls0, t0 = pipe.rank0.timer.remote_s, pipe.rank0.timer.calls, now()
         run_ = measure(model, device, {"len": 32, "new": 33})
         after = pipe.stats(spans_since=t0)
-        remote_s = pipe.driver.remote_s - remote0
+        remote_s = pipe.rank0.timer.remote_s - remote0
         remote_compute = sum(s["compute_s"] - b["compute_s"] for s, b in zip(after[1:], stages[1:]))
         comm = remote_s - remote_compute
         figures["communication_share"] = comm / run_["wall_s"]
-        figures["per_boundary_ms"] = 1000 * comm / max(1, (pipe.driver.calls - calls0) * pipe.transport.world_size)
+        figures["per_boundary_ms"] = 1000 * comm / max(1, (pipe.rank0.timer.calls - calls0) * pipe.transport.world_size)
         figures["per_step_ms_by_stage"] = [
             {name: round(1000 * sum(b - max(a, t0) for n, a, b in s["spans"] if n == name) / 33, 3)
              for name in ("compute", "send", "wait")} for s in after]

@@ -24,7 +24,7 @@ if pipe.is_driver:
     inputs = {k: v.to(pipe.device) for k, v in make_inputs(tok, prompt).items()}
     timed_generate(pipe.model, inputs, new_tokens=4)  # warm-up
     base = pipe.stats()
-    d0_remote, d0_calls = pipe.driver.remote_s, pipe.driver.calls
+    d0_remote, d0_calls = pipe.rank0.timer.remote_s, pipe.rank0.timer.calls
     wall = [0.0]
 
     def run_once(spec: dict | None = None) -> dict:
@@ -35,9 +35,9 @@ if pipe.is_driver:
 
     def finish() -> dict:
         stages = pipe.stats()
-        remote_s = pipe.driver.remote_s - d0_remote
+        remote_s = pipe.rank0.timer.remote_s - d0_remote
         remote_compute_s = sum(s["compute_s"] - b["compute_s"] for s, b in zip(stages[1:], base[1:]))
-        hops = (pipe.driver.calls - d0_calls) * pipe.transport.world_size
+        hops = (pipe.rank0.timer.calls - d0_calls) * pipe.transport.world_size
         return {
             "communication_s": remote_s - remote_compute_s,
             "communication_share": (remote_s - remote_compute_s) / wall[0],

@@ -17,7 +17,7 @@ reports the bound this machine allows, from the stages' own compute in the same 
 
 (every stage busy all the time, nothing else costing anything), and rank 0's CPU seconds per
 decode round for each lane count (lanes must not make rank 0's own work grow faster than the
-number of lanes: one thread at a time does device work, see ``devices.turn.DeviceTurn``).
+number of lanes: one thread at a time does device work, see ``rank0.turn.DeviceTurn``).
 
 Runs alternate (1 lane, L lanes, L lanes, 1 lane, ...) after a warm-up; medians are reported.
 

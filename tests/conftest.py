@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tests compare with transformers on the CPU: keep every pipeline there, on GPU machines too
 # (tests that want an accelerator pass a device explicitly). TORCH_PP_TEST_DEVICE=mps (or cuda)
 # runs the device-aware tests there instead, with the reference model on the same device (see
-# README, "Running on Macs"): split equals whole, prefill, lanes and SmolLM2.
+# docs/macs.md, "Running on Macs"): split equals whole, prefill, lanes and SmolLM2.
 TEST_DEVICE = os.environ.get("TORCH_PP_TEST_DEVICE", "cpu")
 os.environ.setdefault("TORCH_PP_DEVICE", TEST_DEVICE)
 os.environ.setdefault("TEST_DEVICE", TEST_DEVICE)

@@ -251,19 +251,19 @@ def test_failure_on_a_streamed_prefill_chunk_is_reported_not_hung(setup):
 
 def test_out_of_range_sampling_is_refused_before_sending(setup):
     pipe, ref, _ = setup
-    before = pipe.driver.calls
+    before = pipe.rank0.timer.calls
     for bad in (dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-1), dict(repetition_penalty=0.0)):
         name = next(iter(bad))
         with pytest.raises(torch_pp.OptionsError, match=name):
             pipe.model.generate(PROMPT, do_sample=True, max_new_tokens=4, **bad)
-    assert pipe.driver.calls == before
+    assert pipe.rank0.timer.calls == before
     assert torch.equal(pipe.model.generate(PROMPT, **GREEDY), ref.generate(PROMPT, **GREEDY))
 
 
 def test_unsent_keyword_arguments_do_not_reach_the_wire(setup):
     """Keywords the decoder layers cannot consume stay on rank 0 (here: a tokenizer and a callable)."""
     pipe, ref, tok = setup
-    span = pipe.stage.span
+    span = pipe.rank0.span
     assert span.accepts is not None and "attention_mask" in span.accepts and "tokenizer" not in span.accepts
     ours = pipe.model(PROMPT, tokenizer=tok, some_callback=lambda: None)
     torch.testing.assert_close(ours.logits, ref(PROMPT).logits, atol=1e-5, rtol=1e-5)
@@ -279,7 +279,7 @@ def test_one_thread_at_a_time_computes_on_rank_0(setup):
     out = pipe.model.generate(batch, lanes=3, pad_token_id=0, **GREEDY)
     parts = torch.tensor_split(torch.arange(6), 3)
     assert torch.equal(out, torch.cat([ref.generate(batch[p], pad_token_id=0, **GREEDY) for p in parts]))
-    spans = sorted((a, b) for name, a, b in pipe.driver.tracer.since(t0) if name == "compute")
+    spans = sorted((a, b) for name, a, b in pipe.rank0.timer.tracer.since(t0) if name == "compute")
     assert len(spans) >= 3 * 10
     overlaps = [(x, y) for x, y in zip(spans, spans[1:]) if y[0] < x[1] - 1e-6]
     assert overlaps == [], f"{len(overlaps)} of {len(spans)} compute spans overlap"
@@ -290,7 +290,7 @@ def test_the_split_head_joined_every_step_it_split(setup):
     HF's lm_head returned the joined logits every time (no fallback to multiplying it whole)."""
     pipe, ref, _ = setup
     kw = dict(GREEDY, return_dict_in_generate=True, output_logits=True)
-    span = pipe.stage.span
+    span = pipe.rank0.span
     head, span.head = span.head, None  # rank 0 multiplies the whole head, as without the split
     try:
         whole = pipe.model.generate(PROMPT, **kw)
@@ -315,19 +315,19 @@ def test_a_stage_that_cannot_multiply_its_head_rows_answers_with_an_error_naming
     from torch_pp.model.head import TailHead
     from torch_pp.model.stage import StageRunner
     from torch_pp.net.wire import Op
-    from torch_pp.runtime.serve import _tail_logits
+    from torch_pp.runtime.serve import tail_logits
 
     _, ref, _ = setup
     runner = StageRunner({4: ref.model.layers[4]}, ref.config)
     hidden = torch.randn(1, 1, 64, device=TEST_DEVICE)
-    reply = _tail_logits(runner, hidden, 7, where="stage 2 on vm")
+    reply = tail_logits(runner, hidden, 7, where="stage 2 on vm")
     assert reply.op == Op.ERROR and reply.meta["req"] == 7 and "stage 2 on vm" in reply.meta["error"]
     assert "split_head" in reply.meta["error"]
     runner.tail = TailHead(ref.model.norm, torch.nn.Linear(32, 128, bias=False).to(TEST_DEVICE))  # rows of the wrong width
-    reply = _tail_logits(runner, hidden, 8, where="stage 2 on vm")
+    reply = tail_logits(runner, hidden, 8, where="stage 2 on vm")
     assert reply.op == Op.ERROR and reply.meta["req"] == 8 and "rows of the LM head" in reply.meta["error"]
     runner.tail = TailHead(ref.model.norm, ref.lm_head)
-    reply = _tail_logits(runner, hidden, 9, where="stage 2 on vm")
+    reply = tail_logits(runner, hidden, 9, where="stage 2 on vm")
     assert reply.op == Op.RESULT and reply.meta["req"] == 9 and reply.meta["compute_s"] > 0
     with torch.no_grad():
         assert torch.equal(reply.tensors[0], ref.lm_head(ref.model.norm(hidden)))

@@ -93,7 +93,7 @@ def test_no_python_code_runs_when_a_lane_cache_dies():
     notice dead caches without running any code at their death."""
     from transformers import DynamicCache
 
-    from torch_pp.model.stage import CacheLanes
+    from torch_pp.rank0.lanes import CacheLanes
 
     lanes = CacheLanes()
     cache = DynamicCache()
@@ -112,7 +112,7 @@ def test_no_python_code_runs_when_a_lane_cache_dies():
 def test_a_new_cache_at_a_dead_caches_address_gets_a_new_lane():
     from transformers import DynamicCache
 
-    from torch_pp.model.stage import CacheLanes
+    from torch_pp.rank0.lanes import CacheLanes
 
     lanes = CacheLanes()
     for _ in range(1000):  # CPython reuses a freed object's memory for the next one of its size

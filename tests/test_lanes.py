@@ -28,7 +28,7 @@ def test_lanes_equal_transformers_sub_batches(tiny_models, tmp_path, stages):
 def test_kept_threads_reuse_the_warmest_and_pass_errors_on():
     import threading
 
-    from torch_pp.workers import Workers
+    from torch_pp.rank0.workers import Workers
 
     pool = Workers("t")
     first = pool.submit(threading.get_ident).result(timeout=10)
@@ -47,7 +47,7 @@ def test_a_lane_failure_is_raised_as_itself():
     """A sub-batch's own error reaches the caller (nothing sent afterwards can mask it)."""
     import torch
 
-    from torch_pp.runtime.lanes import split_generate
+    from torch_pp.rank0.lanes import split_generate
 
     class Boom(RuntimeError):
         pass

@@ -1,6 +1,8 @@
 """The package's layout holds: imports form a DAG, lazy ones included, and the layers keep to
 their side (``placement`` and ``model`` never touch the network, ``net`` never touches model math,
-only ``net`` imports ``torch.distributed``), and no module grows past about 400 lines."""
+only ``net`` imports ``torch.distributed``, rank 0's side and the stages' side never import each
+other), HF hooks are put in place in one module, at most two thread-locals remain, and no module
+grows past about 400 lines."""
 
 from __future__ import annotations
 
@@ -94,11 +96,15 @@ def test_layers_keep_to_their_side():
     edges = graph()
     problems = []
     for name, targets in edges.items():
-        for side, forbidden in (("torch_pp.placement", ("torch_pp.net", "torch_pp.runtime", "torch_pp.model")),
-                                ("torch_pp.model", ("torch_pp.net", "torch_pp.runtime")),
-                                ("torch_pp.net", ("torch_pp.model", "torch_pp.runtime", "torch_pp.placement")),
+        for side, forbidden in (("torch_pp.placement", ("torch_pp.net", "torch_pp.runtime", "torch_pp.model", "torch_pp.rank0")),
+                                # model math knows neither rank 0's hooks nor the wire
+                                ("torch_pp.model", ("torch_pp.net", "torch_pp.runtime", "torch_pp.rank0")),
+                                ("torch_pp.net", ("torch_pp.model", "torch_pp.runtime", "torch_pp.placement", "torch_pp.rank0")),
+                                # the stages' side never reaches into rank 0's, nor rank 0's into the stage loop
+                                ("torch_pp.runtime", ("torch_pp.rank0", "torch_pp.pipeline")),
+                                ("torch_pp.rank0", ("torch_pp.runtime.serve", "torch_pp.pipeline", "torch_pp.api", "torch_pp.cli")),
                                 # the HTTP side sees the pipeline only through generate() (server.py is the glue)
-                                ("torch_pp.api.app", ("torch_pp.net", "torch_pp.runtime", "torch_pp.model")),
+                                ("torch_pp.api.app", ("torch_pp.net", "torch_pp.runtime", "torch_pp.model", "torch_pp.rank0")),
                                 ("torch_pp.api.engine", ("torch_pp.net", "torch_pp.runtime", "torch_pp.model"))):
             if name.startswith(side):
                 problems += [f"{name} imports {t}" for t in targets if t.startswith(forbidden)]
@@ -111,3 +117,28 @@ def test_layers_keep_to_their_side():
 def test_no_module_is_much_over_400_lines():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 420}
     assert long == {}
+
+
+def test_hf_forwards_are_replaced_only_by_rank0_install():
+    """Every HF method torch_pp replaces (a model's or module's ``forward``/``generate``) is replaced
+    in ``rank0/install.py``: one place to read them all."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and target.attr in ("forward", "generate"):
+                        found.append(f"{name}:{node.lineno}")
+    assert found and all(f.startswith("torch_pp.rank0.install:") for f in found), found
+
+
+def test_at_most_two_thread_locals_each_saying_why():
+    """A step's state is passed as an argument (``rank0.step``); what stays per thread says why."""
+    found = []
+    for name, path in modules().items():
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "threading.local()" in line:
+                found.append(name)
+                assert lines[i - 1].strip().startswith("#"), f"{name}:{i + 1}: say why this cannot be an argument"
+    assert len(found) <= 2, found

@@ -8,6 +8,7 @@ from tiny_models import write_tiny_model
 from torch_pp.devices import DeviceError, pick_dtype
 from torch_pp.model.loading import load_stage
 from torch_pp.placement.plan import even_plan
+from torch_pp.rank0.install import install
 
 
 def test_bf16_checkpoint_loads_as_fp16(tmp_path):
@@ -108,9 +109,13 @@ def test_the_last_stage_of_a_split_head_reads_only_its_rows(tmp_path, arch):
         whole = F.linear(x, weight)
         if torch.equal(whole[..., :cut], F.linear(x, weight[:cut])) and torch.equal(whole[..., cut:], F.linear(x, weight[cut:])):
             exact.add(m)
-    assert first.span.head is first.head
-    assert (first.head is None) if not exact else (first.head.rows == exact and first.head.cut == cut)
-    if first.head is not None:
+    assert first.head_cut == cut
+    rank0 = install(first.model, transport=None, device=torch.device("cpu"), num_stages=plan.num_stages,
+                    remote=first.remote, head_cut=first.head_cut)
+    assert rank0.span.head is rank0.head
+    head = rank0.head
+    assert (head is None) if not exact else (head.rows == exact and head.cut == cut)
+    if head is not None:
         with torch.no_grad():
-            assert first.head.wants(1, 1) == (1 in exact) and not first.head.wants(9, 1) and not first.head.wants(1, 0)
-        assert not first.head.wants(1, 1)  # with gradients on, HF's lm_head multiplies (autograd records it)
+            assert head.wants(1, 1) == (1 in exact) and not head.wants(9, 1) and not head.wants(1, 0)
+        assert not head.wants(1, 1)  # with gradients on, HF's lm_head multiplies (autograd records it)

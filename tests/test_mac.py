@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torch_pp.devices import default_dtype, peak_memory_bytes, peak_rss_bytes
-from torch_pp.devices.turn import DeviceTurn
+from torch_pp.rank0.turn import DeviceTurn
 from torch_pp.net.doctor import mac_checks
 from torch_pp.net.machine import same_machine
 

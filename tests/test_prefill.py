@@ -27,7 +27,7 @@ def test_chunked_prefill_equals_unchunked(tiny_models, tmp_path, stages, arch):
 def test_default_chunk_sends_short_prompts_whole():
     """About four chunks per stage, at least the device's minimum each; a prompt under two minimum
     chunks goes whole (a short second chunk costs a message and overlaps little)."""
-    from torch_pp.prefill import default_chunk
+    from torch_pp.rank0.forward import default_chunk
 
     assert default_chunk(1430, 2, smallest=1024) == 1430  # accelerator: whole
     assert default_chunk(8192, 2, smallest=1024) == 1024

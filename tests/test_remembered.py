@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import torch_pp
 from torch_pp import perf
-from torch_pp.generate import DecodeClock
+from torch_pp.rank0.generate import DecodeClock
 from torch_pp.options import Settings
 from torch_pp.placement import remembered
 from torch_pp.placement.config import read_config

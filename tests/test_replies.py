@@ -7,7 +7,7 @@ import random
 import threading
 
 from torch_pp.net.wire import Message, Op
-from torch_pp.runtime.replies import ReplyRouter
+from torch_pp.rank0.replies import ReplyRouter
 
 
 def test_each_thread_gets_its_own_reply_whatever_the_order():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import TEST_DEVICE, WORKERS, torchrun
-from torch_pp.devices.copies import Inbox, Outbox
+from torch_pp.devices.copies import Inbox
+from torch_pp.rank0.outbox import Outbox
 from torch_pp.net import wire
 from torch_pp.net.wire import Message, Op
 

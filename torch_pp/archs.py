@@ -16,7 +16,7 @@ is answered here, by behaviour rather than by model_type:
   before any weight is read.
 
 ``FAMILIES`` lists the families tested to match single-process transformers through several
-stages (README's list is checked against it); any other model_type that fits the layout runs
+stages (docs/architectures.md's list is checked against it); any other model_type that fits the layout runs
 too, and ``tests/test_arch_sweep.py`` checks every causal LM of the installed transformers.
 """
 
@@ -62,7 +62,7 @@ class Family:
     """A group of model_types that run the same way, tested through 2 and 3 stages.
 
     Attributes:
-        name: What the README calls it.
+        name: What docs/architectures.md calls it.
         model_types: The members tested against single-process transformers.
         note: What is special about it, if anything.
     """

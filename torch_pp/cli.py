@@ -229,7 +229,7 @@ def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> 
     import torch
     from transformers import TextStreamer, set_seed
 
-    from .generate import Streamers, TokenTimer
+    from .streamers import Streamers, TokenTimer
     from .pipeline import start
 
     pipe = start(options=options, transport=transport)

@@ -1,11 +1,17 @@
-"""Turning stage spans into the performance report: time breakdown, Chrome trace, timeline plot.
+"""Timing: rank 0's step timer, and turning stage spans into the performance report.
 
-Pure functions over the output of ``Pipeline.stats(spans_since=t)``: no communication.
+``StepTimer`` records rank 0's spans as its steps run; the functions (time breakdown, Chrome
+trace, timeline plot) read the output of ``Pipeline.stats(spans_since=t)``. No communication.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+
+from .devices import stamp
+from .trace import Tracer, now
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -108,3 +114,94 @@ def plot_timeline(stages: list[dict], path: str | None = None, *, start: float |
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
+
+
+class StepTimer:
+    """Rank 0's clock for its steps: the spans ``breakdown`` reads, and the seconds spent on the ring.
+
+    A forward pass on rank 0 computes (``compute``; up to its first remote call also ``layers``,
+    its embedding and own decoder layers) until its step goes round the ring, then computes again
+    once the answer is back. The stretch's start is kept in the forward's ``rank0.step.Step``.
+    ``idle`` spans are the times when every thread inside generate() (``calling``) waits for the
+    ring at once: with lanes, one lane's wait is not idle time while another lane computes.
+
+    Attributes:
+        tracer: Rank 0's spans (``trace.Tracer``).
+        remote_s: Wall time waiting for the other stages: their layers and the wire (with a split
+            head, less the head's two parts, computed at the same time).
+        calls: Steps that went round the ring and were answered.
+        callers: Threads inside generate() now.
+    """
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.tracer = Tracer()
+        self.remote_s = 0.0
+        self.calls = 0
+        self.callers = 0
+        self._waiting = 0
+        self._idle_since: float | None = None
+        self._count = threading.Lock()
+
+    def begin(self, step) -> None:
+        """A forward pass starts on rank 0: compute until its step goes round the ring."""
+        step.busy_since, step.in_layers = stamp(self.device), True
+
+    def end(self, step) -> None:
+        """A forward pass ended on rank 0."""
+        if step.busy_since is not None:
+            self.tracer.add("compute", step.busy_since, stamp(self.device))
+            step.busy_since = None
+
+    def pause(self, step) -> bool:
+        """The step leaves rank 0 (waits for rank 0's queued device work first: not the stages' time).
+        Returns whether a compute stretch was open."""
+        if step.busy_since is None:
+            return False
+        until = stamp(self.device)
+        self.tracer.add("compute", step.busy_since, until)
+        if step.in_layers:  # rank 0's own layers, told apart for ``Pipeline.balanced_plan``
+            self.tracer.add("layers", step.busy_since, until)
+            step.in_layers = False
+        step.busy_since = None
+        return True
+
+    def resume(self, step) -> None:
+        """The step is back on rank 0."""
+        step.busy_since = now()
+
+    def answered(self, seconds: float) -> None:
+        """A step's round of the ring took ``seconds``."""
+        self.remote_s += seconds
+        self.calls += 1
+
+    def record(self, name: str, start: float, end: float | None = None) -> None:
+        """A span of rank 0's (``send``, ``wait``, ``compute``) from ``start`` to ``end`` (default: now)."""
+        self.tracer.add(name, start, now() if end is None else end)
+
+    @contextlib.contextmanager
+    def calling(self, threads: int = 1):
+        """``threads`` threads (a call, or its lanes) run generate() steps until the block ends."""
+        with self._count:
+            self.callers += threads
+        try:
+            yield
+        finally:
+            with self._count:
+                self.callers -= threads
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """This thread waits for a reply; the last caller to wait begins an ``idle`` span, the first to stop ends it."""
+        with self._count:
+            self._waiting += 1
+            if self._waiting >= max(self.callers, 1) and self._idle_since is None:
+                self._idle_since = now()
+        try:
+            yield
+        finally:
+            with self._count:
+                self._waiting -= 1
+                if self._idle_since is not None:
+                    self.tracer.add("idle", self._idle_since, now())
+                    self._idle_since = None

@@ -20,26 +20,25 @@ from typing import Callable
 
 import torch
 
-from . import prefill
 from ._version import __version__
 from .default_model import ensure_default_model
 from .devices import cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
-from .devices.turn import DeviceTurn
-from .generate import guard_generate
 from .model import graphs
 from . import archs
 from .model.loading import LoadedStage, load_stage, model_fingerprint
-from .model.local import LocalLayers
-from .model.stage import RemoteLayer, layer_arguments
+from .model.stage import layer_arguments
 from .model.quant import check_supported as check_quantize
 from .placement.config import read_config
 from .options import OptionsError, StartOptions
 from .placement import remembered
 from .placement.plan import PlanError, StagePlan, parse_layers
+from .perf import window_figures
+from .rank0.install import Rank0, install
+from .rank0.local import LocalLayers
 from .runtime.agreement import agree, agree_on
-from .runtime.driver import Driver
 from .runtime.serve import serve
-from .placement.sizing import DEFAULT_RESERVE, choose_plan, head_split, model_sizes, needs_table, stage_needs
+from .trace import now
+from .placement.sizing import DEFAULT_RESERVE, choose_plan, head_split, measured_plan, model_sizes, needs_table, stage_needs
 from .net.machine import keep_awake, same_machine
 from .net.transport import Transport
 
@@ -60,6 +59,9 @@ class Pipeline:
         device: This rank's device.
         dtype: This rank's compute dtype.
         stage: This rank's loaded share.
+        rank0: On rank 0, what runs beside the model: the ring, the placeholders' span, the timer,
+            the device turn, the split head (``rank0.install.Rank0``); None elsewhere.
+        local: On rank 0 with slots, its own layers' (handed to ``rank0.install``).
         placements: On rank 0, where this run's measured placement is kept for the next start
             (``placement.remembered``: its key and folder); None: not kept.
         decode_windows: On rank 0, the latest generate() calls' decode windows ``(start, end, steps)``.
@@ -74,7 +76,8 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     stage: LoadedStage
-    driver: Driver | None = None
+    rank0: Rank0 | None = None
+    local: LocalLayers | None = None
     load_s: float = 0.0  # seconds this rank spent reading its weights
     owns_transport: bool = False  # close() also leaves the process group
     on_close: list[Callable[[], None]] = field(default_factory=list)  # run once, after the stages have ended
@@ -105,8 +108,7 @@ class Pipeline:
             "weight_bytes": self.stage.weight_bytes,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             **(self.stage.runner.figures() if self.stage.runner is not None else
-               self.stage.local.figures() if self.stage.local is not None else {"graphs": "off"}),
-            **(self.stage.head.figures() if self.stage.head is not None else {}),
+               self.rank0.figures() if self.rank0 is not None else {"graphs": "off"}),
         }
 
     def stats(self, *, spans_since: float | None = None) -> list[dict]:
@@ -118,10 +120,11 @@ class Pipeline:
         """
         if not self.is_driver:
             raise RuntimeError("stats() is for rank 0")
-        remote = self.driver.collect_stats(spans_since=spans_since) if self.driver else []
+        ring = self.rank0.ring
+        remote = ring.collect_stats(spans_since=spans_since) if ring else []
         mine = self.describe()
         if spans_since is not None:
-            mine["spans"] = self.driver.tracer.since(spans_since) if self.driver else []
+            mine["spans"] = self.rank0.timer.tracer.since(spans_since) if ring else []
         return [mine, *remote]
 
     def balanced_plan(self, *, spans_since: float, until: float | None = None) -> StagePlan:
@@ -141,31 +144,14 @@ class Pipeline:
         Raises:
             PlanError: if the window holds no decode step of every stage.
         """
-        from .perf import window_figures
-        from .placement.sizing import measured_plan
-        from .trace import now
-
         occupied, layers = window_figures(self.stats(spans_since=spans_since),
                                           [(spans_since, until if until is not None else now())])
         return measured_plan(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied, layers_s=layers)
 
     def _remember_placement(self) -> None:
         """Rank 0, at close: keep the placement this run's decode windows call for (``placement.remembered``)."""
-        from .perf import window_figures
-
-        windows = list(self.decode_windows)
-        steps = sum(n for _, _, n in windows)
-        if self.placements is None or steps < remembered.MIN_STEPS:
-            return
-        occupied, layers = window_figures(self.stats(spans_since=min(a for a, _, _ in windows)),
-                                          [(a, b) for a, b, _ in windows])
-        placement = remembered.measure(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied,
-                                       layers_s=layers, steps=steps, tried=remembered.tried(*self.placements))
-        path = remembered.remember(*self.placements, placement)
-        if placement.plan != self.plan:
-            log.info("measured %s ms per decode step on the stages under %s; the next start places %s "
-                     "(predicted %s ms; kept in %s)", "/".join(map(str, placement.occupied_ms)), self.plan.spec(),
-                     placement.plan.spec(), "/".join(map(str, placement.predicted_ms)), path)
+        remembered.keep_measured(self.decode_windows, stats=lambda since: self.stats(spans_since=since),
+                                 sizes=model_sizes(read_config(self.model_dir)), plan=self.plan, placements=self.placements)
 
     def tokenizer(self):
         """The model folder's tokenizer."""
@@ -178,14 +164,15 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
-        if self.driver is not None:
-            if not self.driver.lost:  # after a lost stage there is no ring left to go round
+        ring = self.rank0.ring if self.rank0 is not None else None
+        if ring is not None:
+            if not ring.lost:  # after a lost stage there is no ring left to go round
                 try:
                     self._remember_placement()
                 except Exception as exc:  # noqa: BLE001 - a measurement must never stop a close
                     log.warning("rank 0 (%s): could not keep this run's measured placement: %s", self.transport.host, exc)
-                self.driver.shutdown()
-            self.stage.span.runner = None
+                ring.shutdown()
+            ring.closed = True
         try:
             if self.owns_transport:
                 self.transport.close()
@@ -239,7 +226,7 @@ def start(
             whenever the model's head allows it; False: off.
         graphs: Every stage's decode steps, rank 0's own layers included, as captured CUDA graphs over
             KV caches preallocated for ``context`` tokens per sequence (see ``model.graphs`` and
-            ``model.local``). None: on for CUDA stages of the families that allow it; True: required
+            ``rank0.local``). None: on for CUDA stages of the families that allow it; True: required
             (on a CPU or Mac the same steps run eagerly); False: off.
         transport: An existing transport to reuse; default: join torchrun's group (or run alone).
 
@@ -260,7 +247,7 @@ def start(
     transport = transport or Transport.from_env()
     awake = keep_awake()  # a Mac that idle-sleeps would be declared lost by the other stages
     try:
-        model_dir, plan, dev, dt, stage, load_s, placements, placed_by = _prepare_and_load(transport, options)
+        model_dir, plan, dev, dt, stage, local, load_s, placements, placed_by = _prepare_and_load(transport, options)
     except BaseException:
         if awake is not None:
             awake.terminate()
@@ -269,8 +256,8 @@ def start(
         raise
     pipe = Pipeline(
         model=stage.model if transport.rank == 0 else None,
-        model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, load_s=load_s,
-        owns_transport=owns, placements=placements, placed_by=placed_by,
+        model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, local=local,
+        load_s=load_s, owns_transport=owns, placements=placements, placed_by=placed_by,
     )
     if awake is not None:
         pipe.on_close.append(awake.terminate)
@@ -349,49 +336,40 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
     })
     transport.describe(layers=plan.ranges[transport.rank])
     load_start = time.perf_counter()
-    stage, load_s = agree(
+    (stage, local), load_s = agree(
         transport,
         lambda: (_use_slots(load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt,
                                        progress=show, quantize=o.quantize, head_cut=head_cut), o, device=dev, dtype=dt),
                  time.perf_counter() - load_start),
         what="load the model",
     )
-    return model_dir, plan, dev, dt, stage, load_s, (key, where) if where is not None else None, placed_by
+    return model_dir, plan, dev, dt, stage, local, load_s, (key, where) if where is not None else None, placed_by
 
 
 def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dtype):
     """Every rank: preallocated caches and captured decode steps for its own layers, where ``o.graphs``
-    asks and the model allows (rank 0: ``model.local``; the others: their ``StageRunner``)."""
+    asks and the model allows (rank 0: ``rank0.local``; the others: their ``StageRunner``).
+    Returns the stage and, on rank 0, its ``LocalLayers`` (or None)."""
     if o.graphs is False:
-        return stage
+        return stage, None
     reason = graphs.unsupported(stage.model.config)
     if reason is not None and o.graphs:
         raise OptionsError(f"graphs=True: {reason}; leave graphs unset or False")
     if reason is not None or not (o.graphs or device.type == "cuda"):
-        return stage
+        return stage, None
     slots = dict(max_len=o.context, device=device, dtype=dtype, capture=device.type == "cuda",
                  room=lambda size: memory_available(device) - size >= DEFAULT_RESERVE)
     if stage.runner is not None:
         stage.runner.use_slots(**slots)
-        return stage
+        return stage, None
     layers = archs.LAYOUT.layer_list(stage.model)
-    own = {i: layers[i] for i in range(len(layers)) if not isinstance(layers[i], RemoteLayer)}
-    if own:
-        stage.local = LocalLayers(own, stage.model.config, accepts=layer_arguments(layers[0]))
-        stage.local.use_slots(**slots)
-    return stage
+    own = {i: layers[i] for i in range(len(layers)) if i not in stage.remote}
+    return stage, LocalLayers(own, stage.model.config, accepts=layer_arguments(layers[0]), slots=slots) if own else None
 
 
 def _drive(pipe: Pipeline, o: StartOptions) -> None:
-    """Rank 0: plug the driver into the model's placeholders and wrap forward and generate."""
-    stage, plan, transport = pipe.stage, pipe.plan, pipe.transport
-    turn = DeviceTurn()  # one thread at a time does device work on rank 0
-    if stage.span is not None:
-        pipe.driver = Driver(transport, device=pipe.device, freed=stage.span.take_freed, turn=turn)
-        stage.span.runner = pipe.driver.run_remote
-        if transport.monitor is not None and not transport.monitor.exit_on_loss:
-            transport.monitor.on_lost = pipe.driver.stage_lost
-        prefill.install(stage.model, stage.span, stages=plan.num_stages, local_layers=len(plan.layers_of(0)),
-                        chunk=o.prefill_chunk, turn=turn, driver=pipe.driver, device=pipe.device)
-    guard_generate(stage.model, driver=pipe.driver, turn=turn,
-                   on_decode=pipe.decode_windows.append if pipe.driver is not None and pipe.placements else None)
+    """Rank 0: every hook in place (``rank0.install``)."""
+    pipe.rank0 = install(pipe.model, transport=pipe.transport, device=pipe.device, num_stages=pipe.plan.num_stages,
+                         remote=pipe.stage.remote, head_cut=pipe.stage.head_cut, local=pipe.local,
+                         prefill_chunk=o.prefill_chunk,
+                         on_decode=pipe.decode_windows.append if pipe.plan.num_stages > 1 and pipe.placements else None)

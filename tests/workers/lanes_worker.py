@@ -33,7 +33,7 @@ if pipe.is_driver:
         report[f"lanes{lanes}"] = torch.equal(pipe.model.generate(batch, attention_mask=mask, lanes=lanes, **kw), want)
         report["lane_threads"].append(sorted(seen))
     hook.remove()
-    from torch_pp.workers import POOL
+    from torch_pp.rank0.workers import POOL
 
     report["threads_made"] = POOL.threads
     # Default: one lane, the whole batch as transformers runs it.

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 from transformers.generation.streamers import BaseStreamer
 
 import torch_pp
-from torch_pp.generate import UnsupportedGenerationError
+from torch_pp.errors import UnsupportedGenerationError
 from torch_pp.net.transport import Transport
 
 OUT = os.environ["OUT"]

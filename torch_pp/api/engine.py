@@ -1,9 +1,8 @@
 """Requests on the pipeline, concurrently: admission, one ``generate()`` thread per request, stop
 strings, cancellation. No HTTP here (see ``api.app``).
 
-Continuous batching over lanes: every request runs its own ``generate()`` call in its own
-thread, so it has its own KV cache on rank 0 and therefore its own lane on every stage (see
-``model.stage.RemoteSpan``). A request that arrives while others generate starts at once, up to
+Lanes per request: every request runs its own ``generate()`` call in its own thread, so it has
+its own KV cache on rank 0 and therefore its own lane on every stage (see ``rank0.lanes``). A request that arrives while others generate starts at once, up to
 ``max_concurrent`` of them; up to ``max_queue`` more wait for a slot; past that a request is
 refused (``Busy``), never left hanging. A cancelled request (a client gone) stops at its next
 decode step, and its lane is released when its cache is dropped.
@@ -20,17 +19,17 @@ from typing import AsyncIterator, Callable
 import torch
 from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
-from ..errors import OptionsError
+from ..errors import OptionsError, TorchPPError
 from ..options import check_generation_args
-from ..workers import POOL
+from ..rank0.workers import POOL
 
 
-class Busy(Exception):
-    """Every slot and every queue place is taken."""
+class Busy(TorchPPError, RuntimeError):
+    """Every slot and every queue place is taken (HTTP 429)."""
 
 
-class Lost(Exception):
-    """The pipeline has lost a stage: no request can run any more."""
+class Lost(TorchPPError, RuntimeError):
+    """The pipeline has lost a stage: no request can run any more (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,7 @@ class Engine:
             self.waiting += 1
             self._active.add(generation)
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        # A kept thread, not a new one: a new thread has no cuDNN attention plans (see ``torch_pp.workers``).
+        # A kept thread, not a new one: a new thread has no cuDNN attention plans (see ``rank0.workers``).
         done = POOL.submit(self._run, generation, streamer)
         trimmer = StopTrimmer(generation.request.stop)
         try:

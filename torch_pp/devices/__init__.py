@@ -238,14 +238,12 @@ def max_buffer_bytes(device: torch.device) -> int | None:
 
 
 def min_prefill_chunk(device: torch.device) -> int:
-    """The smallest prefill chunk worth sending on its own (pipelined prefill, see ``prefill``).
+    """The smallest prefill chunk worth sending on its own (pipelined prefill, see ``rank0.forward``).
 
     Chunking pays when a chunk's compute dwarfs the fixed cost of one more message through the
-    stages. On a CPU a 64-token chunk already computes for tens of milliseconds: 1.5x faster
-    first tokens at 1024 tokens (2-vCPU VM). Accelerators compute such a chunk in a few
-    milliseconds, less than its fixed cost: on 2x H200 (8B, bf16) 179-token chunks made a
-    1430-token prompt's first token 2.9x later than unchunked, while 1024-token chunks were as
-    fast as unchunked at 1430 tokens and 1.2x faster at 8192.
+    stages. On a CPU a 64-token chunk already computes for tens of milliseconds; accelerators
+    compute such a chunk in a few milliseconds, less than its fixed cost, and only chunks of
+    about 1024 tokens pay there (``bench/RESULTS.md``, "prefill").
     """
     return 64 if device.type == "cpu" else 1024
 

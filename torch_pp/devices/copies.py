@@ -2,14 +2,13 @@
 
 Every copy is blocking: non-blocking copies to and from MPS can corrupt data. On an accelerator
 each copy waits for the device, and a decode step's message holds a few small tensors, so they
-cross in one copy each way, into buffers kept per layout (``Outbox`` on rank 0, ``Inbox`` on
-the stages).
+cross in one copy each way, into buffers kept per layout (``Inbox`` here, on the stages;
+``rank0.outbox.Outbox`` on rank 0).
 """
 
 from __future__ import annotations
 
 import collections
-import threading
 
 import torch
 
@@ -19,7 +18,7 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
 
 
-def _kept(layouts: collections.OrderedDict, key: tuple, make, *, keep: int):
+def kept_buffers(layouts: collections.OrderedDict, key: tuple, make, *, keep: int):
     """The buffers kept for ``key``, made by ``make()`` on first use; the least recently used
     dropped past ``keep``. Kept buffers are written in place by later calls, in whatever mode
     those run: made as normal tensors (not inference tensors) and outside autograd, they can be."""
@@ -40,8 +39,7 @@ class Inbox:
 
     A decode step's message holds a few small tensors (hidden state, positions, rotary cos/sin).
     Copying each to the device apart costs a blocking copy and a new tensor apiece, which on a GPU
-    host is far more than the bytes (2x H200: ~190 us per decode step for five tensors, ~30 us
-    in one copy to kept views). Their bytes lie at fixed offsets in the received payload (see
+    host is far more than the bytes (``bench/RESULTS.md``, "the hop"). Their bytes lie at fixed offsets in the received payload (see
     ``net.wire``), and every decode step of a lane has the same layout: such a message goes to the
     device in one blocking copy (non-blocking copies to MPS can corrupt data) into the buffer kept
     for its layout, whose views of each tensor were made once.
@@ -51,8 +49,7 @@ class Inbox:
     compute new tensors; slots copy theirs in).
 
     On the CPU too: one copy into kept views costs less than making a view of each tensor in the
-    payload (CPU VM, right after a stage's layers: 69 us against 166 for a decode step's four), and
-    the CPU then runs the very path an accelerator's stage runs.
+    payload, and the CPU then runs the very path an accelerator's stage runs.
 
     Args:
         device: The stage's device.
@@ -70,60 +67,10 @@ class Inbox:
         data, layout = message.data, message.layout
         if data.nbytes > self.max_bytes or not layout or any(not nbytes for *_, nbytes in layout):
             return [t.to(self.device) for t in message.tensors]
-        buffer, views = _kept(self._layouts, layout, lambda: self._buffer(data.nbytes, layout), keep=self.keep)
+        buffer, views = kept_buffers(self._layouts, layout, lambda: self._buffer(data.nbytes, layout), keep=self.keep)
         buffer.copy_(data)
         return list(views)
 
     def _buffer(self, nbytes: int, layout: tuple) -> tuple:
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return buffer, [buffer[off : off + size].view(dtype).view(shape) for dtype, shape, off, size in layout]
-
-
-class Outbox:
-    """Where rank 0's outgoing tensors come to the CPU: a decode step's few small ones in one copy.
-
-    The counterpart of ``Inbox``: each tensor copied out apart costs a blocking copy (a wait for
-    the device) and a new CPU tensor (2x H200: 105-120 us per step for five). Here they are copied,
-    queued on the device, into a device buffer kept per layout, which then comes over in one
-    blocking copy (non-blocking copies from MPS can corrupt data) into a host buffer kept with it
-    (page-locked on CUDA). Buffers are per thread: each lane or request thread sends its own, and
-    the host views it returns are packed into the frame before that thread's next step.
-
-    Args:
-        device: Rank 0's device; on the CPU, tensors are sent from where they lie.
-        keep: Layouts kept per thread (least recently used dropped).
-        max_bytes: Larger messages (a prefill chunk) are copied tensor by tensor.
-    """
-
-    def __init__(self, device: torch.device, *, keep: int = 8, max_bytes: int = 1 << 16) -> None:
-        self.device, self.keep, self.max_bytes = device, keep, max_bytes
-        self._local = threading.local()
-
-    @torch.no_grad()
-    def stage(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The tensors on the CPU; the returned views are valid until this thread's next call."""
-        if (self.device.type == "cpu" or not tensors or sum(t.nbytes for t in tensors) > self.max_bytes
-                or any(not t.numel() or t.device.type != self.device.type for t in tensors)):
-            return to_host(tensors)
-        layouts = getattr(self._local, "layouts", None)
-        if layouts is None:
-            layouts = self._local.layouts = collections.OrderedDict()
-        key = tuple((t.dtype, t.shape) for t in tensors)
-        on_device, device_views, host, host_views = _kept(layouts, key, lambda: self._buffers(tensors), keep=self.keep)
-        for view, t in zip(device_views, tensors):
-            view.copy_(t)  # queued on the device, no wait
-        host.copy_(on_device)  # the one wait
-        return list(host_views)
-
-    def _buffers(self, tensors: list[torch.Tensor]) -> tuple:
-        offsets, total = [], 0
-        for t in tensors:
-            offsets.append(total)
-            total = (total + t.nbytes + 15) // 16 * 16  # every view aligned for its dtype
-        on_device = torch.empty(total, dtype=torch.uint8, device=self.device)
-        host = torch.empty(total, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-
-        def views(buffer):
-            return [buffer[off : off + t.nbytes].view(t.dtype).view(t.shape) for off, t in zip(offsets, tensors)]
-
-        return on_device, views(on_device), host, views(host)

@@ -1,5 +1,6 @@
-"""One stage's model: loading this rank's tensors into the HF skeleton, the stage's math, the
-remote placeholders that stand for other stages' layers, and merging their outputs.
+"""One stage's model: loading this rank's tensors into the HF skeleton, the stage's math (its own
+layers with their caches, slots and captured steps, the last stage's rows of a split head), and
+merging per-layer outputs.
 
-Never touches the network: communication is plugged in from outside by ``runtime``.
+Never touches the network, and never rank 0's hooks: those are ``rank0``'s.
 """

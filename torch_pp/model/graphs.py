@@ -1,9 +1,8 @@
 """A stage's decode step as replayed CUDA graphs, over KV caches preallocated per lane.
 
 Why: a decode step of an eager stage launches a few hundred small kernels, and on an
-accelerator the host spends longer launching each than the device spends running it (one
-H200, 8B shape, 16 layers: 13.9 ms of launches for ~2 ms of GPU work). CUDA graphs launch
-them in a few calls.
+accelerator the host spends longer launching each than the device spends running it
+(``bench/RESULTS.md``, "captured steps"). CUDA graphs launch them in a few calls.
 
 A graph fixes shapes and addresses, so each lane's keys and values live in a ``Slot``:
 buffers sized for the whole context, written at a position held on the device. Attention

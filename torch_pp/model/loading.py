@@ -2,10 +2,11 @@
 
 The whole model is first built on the meta device (no memory), using the model's
 own transformers classes. Modules this rank does not own are then removed (set to
-None) or, on rank 0, replaced by weightless ``RemoteLayer`` placeholders. Only the
-owned parameters are read, tensor by tensor, from the safetensors files, keeping
-HF parameter names and global layer numbers. No rank materialises weights it does
-not own.
+None) or, for the decoder layers, left as empty slots (rank 0 keeps the meta-device
+layers it does not own, for ``rank0.install`` to put placeholders in their slots).
+Only the owned parameters are read, tensor by tensor, from the safetensors files,
+keeping HF parameter names and global layer numbers. No rank materialises weights it
+does not own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import re
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,10 +29,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from .. import archs
 from ..devices import max_buffer_bytes, return_freed_memory
 from ..placement.plan import StagePlan
-from .head import SplitHead, TailHead
+from .head import TailHead
 from .reader import SafetensorsReader
-from .local import LocalLayers
-from .stage import RemoteLayer, RemoteSpan, StageRunner, layer_arguments
+from .stage import StageRunner
 from ..errors import ModelFolderError
 from ..placement.config import INDEX_FILE, SINGLE_FILE, read_config
 from . import quant
@@ -43,19 +43,18 @@ class LoadedStage:
 
     Attributes:
         model: The HF ``*ForCausalLM`` skeleton holding only this rank's weights.
-        span: On rank 0 with several stages, the placeholder span for the remote layers.
         runner: On ranks > 0, the runner for this stage's layers.
         weight_bytes: Bytes of parameters this rank holds.
-        local: On rank 0 with slots, its own layers' slots (see ``model.local``; set by ``pipeline``).
-        head: On rank 0 with the LM head split with the last stage, its side (see ``model.head``).
+        remote: On rank 0, global layer index -> the meta-device layer another rank owns (its slot
+            in the layer list is empty until ``rank0.install`` puts a placeholder there).
+        head_cut: The row the LM head is split at (0: whole; see ``model.head``).
     """
 
     model: PreTrainedModel
-    span: RemoteSpan | None
     runner: StageRunner | None
     weight_bytes: int
-    local: "LocalLayers | None" = None
-    head: SplitHead | None = None
+    remote: dict[int, nn.Module] = field(default_factory=dict)
+    head_cut: int = 0
 
 
 def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
@@ -141,7 +140,7 @@ def load_stage(
     weights = weight_map(model_dir)
     model = build_skeleton(config)
     tail = bool(head_cut) and rank == plan.num_stages - 1
-    span, runner = _trim(model, plan=plan, rank=rank, tail_cut=head_cut if tail else 0), None
+    remote, runner = _trim(model, plan=plan, rank=rank, tail_cut=head_cut if tail else 0), None
     if tail:
         _read_tail_rows(model, Path(model_dir), weights, head_cut, device=device, dtype=dtype)
     _materialise(model, Path(model_dir), weights, device=device, dtype=dtype, rank=rank, plan=plan, progress=progress,
@@ -160,11 +159,7 @@ def load_stage(
     if leftovers:
         raise ModelFolderError(f"rank {rank}: no weights found for {', '.join(leftovers[:5])}{' …' if len(leftovers) > 5 else ''}")
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *quant.quantized_tensors(model)])
-    head = None
-    if span is not None and head_cut:
-        span.head = head = SplitHead.checked(getattr(model, archs.LAYOUT.head), getattr(model, archs.LAYOUT.base).norm,
-                                              cut=head_cut)
-    return LoadedStage(model=model, span=span, runner=runner, weight_bytes=weight_bytes, head=head)
+    return LoadedStage(model=model, runner=runner, weight_bytes=weight_bytes, remote=remote, head_cut=head_cut)
 
 
 def _read_tail_rows(model: PreTrainedModel, model_dir: Path, weights: dict[str, str], cut: int, *,
@@ -182,20 +177,19 @@ def _read_tail_rows(model: PreTrainedModel, model_dir: Path, weights: dict[str, 
     _put(model, name, rows, device=device, dtype=dtype)
 
 
-def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int, tail_cut: int = 0) -> RemoteSpan | None:
-    """Drop or replace every module this rank does not own; on rank 0 return the remote span.
+def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int, tail_cut: int = 0) -> dict[int, nn.Module]:
+    """Drop or empty every module this rank does not own; on rank 0 return the decoder layers it
+    does not own (meta-device modules: their signatures tell the placeholders how they are called).
 
     With ``tail_cut`` (the last stage of a split head) the final norm stays, and the head becomes a
     head of its rows from ``tail_cut`` on (same name, fewer rows)."""
     owned = plan.layers_of(rank)
     layers = archs.LAYOUT.layer_list(model)
     if rank == 0:
-        if plan.num_stages == 1:
-            return None
-        span = RemoteSpan(range(owned.stop, plan.num_layers), accepts=layer_arguments(layers[owned.stop]))
-        for i in span.layer_indices:
-            layers[i] = RemoteLayer.replacing(layers[i], i, span)
-        return span
+        remote = {i: layers[i] for i in range(owned.stop, plan.num_layers)}
+        for i in remote:
+            layers[i] = nn.Module()  # an empty slot, until rank0.install puts a placeholder there
+        return remote
     for i in range(plan.num_layers):
         if i not in owned:
             layers[i] = nn.Module()  # an empty slot keeps global indices and names
@@ -210,7 +204,7 @@ def _trim(model: PreTrainedModel, *, plan: StagePlan, rank: int, tail_cut: int =
             setattr(model, name, None)
     if tail_cut:
         setattr(model, archs.LAYOUT.head, nn.Linear(head.in_features, head.out_features - tail_cut, bias=False, device="meta"))
-    return None
+    return {}
 
 
 def _keep_fp32(model: PreTrainedModel, name: str) -> bool:

@@ -3,7 +3,7 @@
 transformers records ``output_hidden_states`` with hooks on its decoder-layer class; the
 placeholders for remote layers are not that class, so rank 0's own record holds only the
 embeddings, its own layers and the final (normed) state. The stages send their layers'
-outputs back when asked (``RemoteSpan.collect_states``), and ``merge_hidden_states`` puts
+outputs back when asked (a ``rank0.step.Step`` with ``collect``), and ``merge_hidden_states`` puts
 them in their places. Attention weights would need every stage to run eager attention and
 ship ``[B, heads, S, S]`` per layer: they are refused with a clear error instead.
 """

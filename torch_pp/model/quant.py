@@ -9,9 +9,9 @@ torchao wraps the same kernels but is not installed with torch and its CPU int4 
 a newer CPU build; a small module of our own covers all three devices.
 
 Where a kernel is slow, an accelerator multiplies by the weight dequantized on the fly instead
-(see ``dense_rows``): CUDA's int8 kernel ran decode at half the unquantized speed and a
-1430-token prefill 330x slower, and its int4 kernel (tuned for a few rows) made that prefill 11x
-slower (measured on an H200, torch 2.11). The int4 weight stays in the kernel's packed layout;
+(see ``dense_rows``): CUDA's int8 kernel ran decode slower than unquantized and prefills far
+slower, and its int4 kernel is tuned for a few rows (``bench/RESULTS.md``, "quantization"). The
+int4 weight stays in the kernel's packed layout;
 its dequantization reads that layout through a permutation learnt from the packer itself.
 
 The loader replaces a decoder layer's ``nn.Linear`` the moment its weight is read, so a stage
@@ -35,9 +35,9 @@ def kernel_dtype(device: torch.device, dtype: torch.dtype, mode: str) -> torch.d
     """The activation dtype the weight-only kernel runs in for a model computing in ``dtype``.
 
     PyTorch's CPU weight-only kernels have a fast path for bfloat16 activations only: with
-    float32 ones they ran 10-15x slower than a dense float32 matmul (measured, torch 2.13,
-    576x1536 and 4096x4096, one thread), while bfloat16 ones beat it 1.5-3x. So a float32
-    model's quantized layers compute in bfloat16. CUDA's int4 kernel takes bfloat16 only.
+    float32 ones they ran many times slower than a dense float32 matmul, while bfloat16 ones beat
+    it (``bench/RESULTS.md``, "quantization"). So a float32 model's quantized layers compute in
+    bfloat16. CUDA's int4 kernel takes bfloat16 only.
     """
     if dtype == torch.float32 and device.type == "cpu":
         return torch.bfloat16

@@ -1,24 +1,17 @@
-"""A pipeline stage's math: running its own decoder layers, and standing in for the others.
+"""A pipeline stage's math: its own decoder layers, run with its own KV caches.
 
-Rank 0 runs the model's own Hugging Face forward (embedding, masks, positions,
-rotary embeddings, final norm, LM head), so everything the installed transformers
-version computes before the layers is computed exactly once, there. The decoder
-layers that other ranks own are replaced on rank 0 by ``RemoteLayer`` placeholders:
-they record the arguments HF passes to each layer, and the last one hands the
-hidden state plus those arguments to a ``runner`` that the runtime plugs in.
-
-Other ranks run ``StageRunner``: their layers, with their own KV cache, on the
-arguments shipped from rank 0. Nothing here imports torch.distributed.
+Ranks other than 0 run ``StageRunner``: their layers, one KV cache per lane, on the
+arguments shipped from rank 0 (rank 0's own layers use one too, for their slots: see
+``rank0.local``). The arguments come by name, as the layer's forward takes them
+(``layer_arguments``), and the cache under this transformers version's keyword
+(``cache_keyword``). Nothing here imports torch.distributed or knows the wire.
 """
 
 from __future__ import annotations
 
 import collections
 import inspect
-import itertools
-import threading
 import typing
-import weakref
 from typing import Callable
 
 import torch
@@ -28,9 +21,6 @@ from ..errors import StageError
 from . import graphs
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
-
-# runner(hidden, layer_kwargs, past_len=..., use_cache=...) -> final hidden state
-Runner = Callable[..., torch.Tensor]
 
 
 def cache_keyword(layer: nn.Module) -> str:
@@ -60,185 +50,6 @@ def layer_arguments(layer: nn.Module) -> frozenset[str] | None:
         elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
             names.add(name)
     return frozenset(names - {"hidden_states", *CACHE_KWARGS})
-
-
-class CacheLanes:
-    """Lane ids of rank-0 KV cache objects: a new one for each object on first sight; once an
-    object is garbage-collected, ``take_freed`` hands its id back (once), from any thread.
-
-    Deliberately no finalizer and no ``WeakKeyDictionary``: their callbacks are Python code that
-    runs wherever the cache dies, which is the end of every ``generate()``; a Ctrl-C landing
-    there is printed as "Exception ignored" and dropped by CPython. Plain weak references
-    without callbacks run nothing, and dead ones are found when the lanes are next used.
-    """
-
-    def __init__(self) -> None:
-        self._lanes: dict[int, tuple[weakref.ref, int]] = {}  # id(cache) -> (weak ref, lane)
-        self._orphans: list[int] = []  # lanes whose id() a new cache took before they were handed back
-        self._ids = itertools.count(1)  # lane 0: forwards without a cache
-        self._lock = threading.Lock()
-
-    def lane_of(self, cache) -> int:
-        with self._lock:
-            entry = self._lanes.get(id(cache))
-            if entry is not None and entry[0]() is cache:
-                return entry[1]
-            if entry is not None:  # the id of a dead cache, reused
-                self._orphans.append(entry[1])
-            lane = next(self._ids)
-            self._lanes[id(cache)] = (weakref.ref(cache), lane)
-        return lane
-
-    def take_freed(self) -> list[int]:
-        """The lanes whose cache is gone since the last call."""
-        with self._lock:
-            dead = [key for key, (ref, _) in self._lanes.items() if ref() is None]
-            freed, self._orphans = [*self._orphans, *(self._lanes.pop(key)[1] for key in dead)], []
-        return freed
-
-
-def positional_names(layer: nn.Module) -> tuple[str, ...]:
-    """A decoder layer's positional parameter names after the hidden state (some families pass
-    the mask and the like positionally)."""
-    params = [n for n, p in inspect.signature(layer.forward).parameters.items()
-              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    return tuple(params[1:])
-
-
-class RemoteSpan:
-    """On rank 0: collects the arguments of the layers other ranks own, then runs them remotely.
-
-    Every KV cache object on rank 0 gets its own lane (its own caches on the stages), so
-    concurrent ``generate()`` calls from several threads never share stage caches, and a
-    call that continues from a returned ``past_key_values`` finds its lane again. Once a
-    cache object is garbage-collected, ``take_freed`` gives its lane to the driver to
-    release on the stages.
-
-    Args:
-        layer_indices: The contiguous global layer indices owned by other ranks.
-        accepts: The keyword arguments the decoder layers consume (see ``layer_arguments``);
-            None sends every argument.
-    """
-
-    def __init__(self, layer_indices: range, *, accepts: frozenset[str] | None = None) -> None:
-        self.layer_indices = layer_indices
-        self.accepts = accepts
-        self.runner: Runner | None = None
-        self.head = None  # a ``model.head.SplitHead`` where the LM head is split with the last stage
-        self._lanes = CacheLanes()
-        self.take_freed = self._lanes.take_freed
-        # Per thread: several threads may run forwards at once.
-        self._local = threading.local()
-
-    def _state(self):
-        st = self._local
-        if not hasattr(st, "pending"):
-            st.pending, st.past_len, st.sentinels, st.lane = {}, 0, set(), 0
-            st.reply, st.keep, st.collect, st.states = True, 0, False, None
-        return st
-
-    def set_stream(self, *, reply: bool = True, keep: int = 0) -> None:
-        """For this thread's next forwards: ``reply`` False while a pipelined prefill streams its
-        non-final chunks; ``keep``: the last positions whose hidden state rank 0 needs back (0: all)."""
-        st = self._state()
-        st.reply, st.keep = reply, keep
-
-    def collect_states(self, on: bool) -> list[torch.Tensor] | None:
-        """Turn on (or off) returning every remote layer's output for this thread's forwards.
-
-        Returns:
-            When turning off: ``[input of the span, output of each remote layer...]`` from the
-            last forward, or None if no forward ran meanwhile.
-        """
-        st = self._state()
-        st.collect, states, st.states = on, st.states, None
-        return states
-
-    def lane_of(self, cache) -> int:
-        """The lane of a rank-0 KV cache object (a new one on first sight)."""
-        return self._lanes.lane_of(cache)
-
-    def visit(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
-        # A layer given a cache updates it; not every family also passes use_cache (Gemma 3 does not).
-        use_cache = cache is not None and kwargs.get("use_cache", True) is not False
-        st = self._state()
-        if layer_idx == self.layer_indices.start:
-            st.pending = {}
-            st.past_len = cache.get_seq_length(layer_idx) if use_cache else 0
-            st.sentinels = sentinel_layers(cache, self.layer_indices) if use_cache else set()
-            st.lane = self.lane_of(cache) if use_cache else 0
-        if use_cache:
-            if not isinstance(cache, DynamicCache):
-                raise StageError(
-                    f"torch_pp supports only a dynamic KV cache, got {type(cache).__name__}; "
-                    "leave cache_implementation unset"
-                )
-            if layer_idx in st.sentinels:
-                # The real keys and values live on the owning stage.
-                stand_in(cache, layer_idx, hidden)
-        st.pending[layer_idx] = {k: v for k, v in kwargs.items()
-                                 if k not in CACHE_KWARGS and (self.accepts is None or k in self.accepts)}
-        if layer_idx != self.layer_indices.stop - 1:
-            return hidden
-        if self.runner is None:
-            raise StageError("the pipeline is closed: start it again before running the model")
-        pending, st.pending = st.pending, {}
-        split = (self.head is not None and st.reply and not st.collect and self.head.wants(hidden.shape[0], st.keep))
-        out = self.runner(hidden, pending, past_len=st.past_len, use_cache=use_cache, reply=st.reply,
-                          keep=0 if st.collect else st.keep, lane=st.lane, collect=st.collect,
-                          head=self.head if split else None)
-        if not st.collect:
-            return out
-        out, states = out
-        st.states = [hidden, *states]
-        return out
-
-
-def sentinel_layers(cache: DynamicCache, elsewhere: range) -> set[int]:
-    """Layers among ``elsewhere`` (whose keys and values rank 0's cache does not hold) whose cache
-    lengths HF reads: the span's first layer (our own bookkeeping) and the first full-attention
-    and first sliding-window layer (mask sizing)."""
-    found = {elsewhere.start}
-    is_sliding = list(getattr(cache, "is_sliding", []))
-    for kind in (False, True):
-        if kind in is_sliding and is_sliding.index(kind) in elsewhere:
-            found.add(is_sliding.index(kind))
-    return found
-
-
-def stand_in(cache: DynamicCache, layer_idx: int, hidden: torch.Tensor) -> None:
-    """Grow layer ``layer_idx`` of rank 0's ``cache`` by ``hidden``'s positions with a one-wide stand-in
-    (zero-wide would count as empty), so the lengths HF reads from it stay right."""
-    batch, q_len = hidden.shape[0], hidden.shape[1]
-    filler = hidden.new_zeros(batch, 1, q_len, 1)
-    cache.update(filler, filler, layer_idx)
-
-
-class RemoteLayer(nn.Module):
-    """Placeholder, on rank 0, for decoder layer ``layer_idx`` owned by another rank. Holds no weights."""
-
-    def __init__(self, layer_idx: int, span: RemoteSpan, attention_type: str | None = None,
-                 positional: tuple[str, ...] = ()) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.span = span
-        self.positional = positional  # the replaced layer's parameter names after the hidden state
-        if attention_type is not None:
-            self.attention_type = attention_type
-
-    @classmethod
-    def replacing(cls, layer: nn.Module, layer_idx: int, span: RemoteSpan) -> "RemoteLayer":
-        """The placeholder for ``layer``, taking its arguments the way ``layer`` does."""
-        return cls(layer_idx, span, getattr(layer, "attention_type", None), positional_names(layer))
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if len(args) > len(self.positional):
-            raise StageError(f"decoder layer {self.layer_idx} was given {len(args)} positional arguments after the "
-                             f"hidden state; it takes {len(self.positional)}")
-        # Some families pass the mask and the like positionally: they travel by name.
-        kwargs.update(zip(self.positional, args))
-        return self.span.visit(self.layer_idx, hidden_states, kwargs)
 
 
 class StageRunner:

@@ -16,10 +16,8 @@ as long as one.
 
 The tensor table is binary, not JSON, because a decode step packs and unpacks a
 message right after its stage's layers have evicted every cache, when each
-Python object touched costs a memory read: on the CPU VM, with a stage's worth of
-memory traffic between calls, a decode step's message packed in 229 us and
-unpacked in 202 with the table in JSON, 201 and 183 with it binary (most of the
-rest is the JSON meta: even a small dict costs ~60 us to encode there).
+Python object touched costs a memory read (``bench/RESULTS.md``, "the hop": most of
+what is left is the JSON meta).
 
 The receiver never guesses a size. This module is pure: no torch.distributed.
 """

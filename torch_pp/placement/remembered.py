@@ -3,20 +3,19 @@
 Why: with several lanes or concurrent requests the most occupied stage sets the pace, and what
 occupies a stage is known only on the machines. Rank 0 also embeds, runs the LM head and
 generate()'s bookkeeping, and on an accelerator that host work, not the parameter count, sets a
-step's time (2x H200, 8B shape, batch 8: rank 0 occupied 6.7 ms per step with 16 layers, stage 1
-4.5 ms; two lanes ran 0.90-0.92x one lane under the memory placement, 1.01-1.03x under the measured
-one). A plan decides what each rank loads, so a run's measurement serves the next start: rank 0
-times its decode windows as it runs, and when the pipeline closes it keeps the plan that evens them
-out (``sizing.measured_plan``) in a small JSON file, keyed by everything that sets those times:
-the model, each rank's machine and device, dtype, quantization, split head and graphs.
+step's time (``bench/RESULTS.md``, "placement"). A plan decides what each rank loads, so a run's
+measurement serves the next start: rank 0 times its decode windows as it runs (the pipeline's
+``decode_windows``), and when the pipeline closes it keeps the plan that evens them out
+(``keep_measured``, through ``sizing.measured_plan``) in a small JSON file, keyed by everything
+that sets those times: the model, each rank's machine and device, dtype, quantization, split head
+and graphs.
 
 The cost model (a rank's fixed time plus a rate per layer) can be wrong: two ranks sharing one
-GPU wait for each other's kernels, so rank 0 stayed as occupied with 9 layers as with 16 (one H200,
-8B shape: 12.3 -> 11.4 -> 11.4 ms per step for 16, 9 and 6 layers), and a plan re-derived at every
-close would keep moving layers. So each plan's measured pace is kept too, and a proposal is
-tried only while the last move paid; otherwise the start uses the fastest plan tried.
+GPU wait for each other's kernels, so rank 0 can stay as occupied with fewer layers, and a plan
+re-derived at every close would keep moving layers. So each plan's measured pace is kept too, and
+a proposal is tried only while the last move paid; otherwise the start uses the fastest plan tried.
 
-Pure: no torch.distributed; the pipeline measures, this module decides and keeps.
+No communication: the stages' figures come from the ``stats`` callable the pipeline passes.
 """
 
 from __future__ import annotations
@@ -28,8 +27,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..options import Settings
+from ..perf import window_figures
 from .plan import PlanError, StagePlan, parse_layers
 from .sizing import ModelSizes, measured_plan, predicted_times
 
@@ -180,3 +181,31 @@ def remember(k: dict, where: Path, placement: Placement) -> Path:
     partial.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(partial, path)
     return path
+
+
+def keep_measured(windows, *, stats: Callable[[float], list[dict]], sizes: ModelSizes, plan: StagePlan,
+                  placements: tuple[dict, Path] | None) -> Placement | None:
+    """Rank 0, at close: keep the placement this run's decode windows call for.
+
+    Args:
+        windows: The latest generate() calls' decode windows ``(start, end, steps)``.
+        stats: ``Pipeline.stats``'s spans: every stage's figures with its spans since a time.
+        sizes: The model's sizes.
+        plan: The plan this run ran under.
+        placements: Where to keep it (``key``, ``folder``); None: not kept.
+
+    Returns:
+        What was kept, or None (nothing kept, or too few decode steps: ``MIN_STEPS``).
+    """
+    windows = list(windows)
+    steps = sum(n for _, _, n in windows)
+    if placements is None or steps < MIN_STEPS:
+        return None
+    occupied, layers = window_figures(stats(min(a for a, _, _ in windows)), [(a, b) for a, b, _ in windows])
+    placement = measure(sizes, plan, occupied_s=occupied, layers_s=layers, steps=steps, tried=tried(*placements))
+    path = remember(*placements, placement)
+    if placement.plan != plan:
+        log.info("measured %s ms per decode step on the stages under %s; the next start places %s "
+                 "(predicted %s ms; kept in %s)", "/".join(map(str, placement.occupied_ms)), plan.spec(),
+                 placement.plan.spec(), "/".join(map(str, placement.predicted_ms)), path)
+    return placement

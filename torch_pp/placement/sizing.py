@@ -278,7 +278,7 @@ def measured_plan(sizes: ModelSizes, plan: StagePlan, *, occupied_s: list[float]
     that rank's measured rate (rank 0's embedding, measured with its layers, is spread over them),
     its fixed costs to stay where they are; so a slower machine gets
     fewer layers, and rank 0 fewer where its fixed costs are large. With several lanes the most
-    occupied stage sets the pace (see ``runtime.lanes``).
+    occupied stage sets the pace (see ``rank0.lanes``).
 
     Args:
         sizes: The model's sizes.

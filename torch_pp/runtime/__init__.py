@@ -1,3 +1,3 @@
-"""Where the stages meet the wire: the start-up agreement, rank 0's driver (sending, reply
-routing, lanes) and the other ranks' serve loop.
+"""Where the stages meet the wire: the start-up agreement, the activations' encoding, and the other
+ranks' serve loop (rank 0's side of the ring is ``rank0``).
 """

@@ -1,7 +1,11 @@
 """Every rank but 0: the serve loop that runs this stage's layers on what arrives and passes it on.
 
-See ``runtime`` for the ring and its messages. Only a message that expects a reply may cause one
-towards rank 0: a failure on a streamed prefill chunk waits for that lane's reply-bearing message.
+The ring is 0 -> 1 -> ... -> N-1 -> 0 (rank 0's side: ``rank0.ring``). Each message that
+arrives goes to the handler for its op (``Stage.HANDLERS``): FORWARD runs this stage's layers
+and passes the hidden state on (the last stage returns it to rank 0 as RESULT, then, with a
+split LM head, its rows' logits as a second reply); STATS adds this stage's figures; ERROR and
+FREE pass on; SHUTDOWN ends the loop. Only a message that expects a reply may cause one towards
+rank 0: a failure on a streamed prefill chunk waits for that lane's reply-bearing message.
 """
 
 from __future__ import annotations
@@ -34,90 +38,126 @@ def serve(transport: Link, runner: StageRunner, *, device: torch.device, describ
         device: Where this stage computes.
         describe: Returns this stage's figures for STATS.
     """
-    rank = transport.rank
-    nxt, prev = (rank + 1) % transport.world_size, (rank - 1) % transport.world_size
-    is_last = nxt == 0
-    first, last = min(runner.layers), max(runner.layers) + 1
-    busy = {"compute_s": 0.0, "forwards": 0}
-    tracer = Tracer()
-    failed: dict[int, str] = {}  # lane -> a streamed chunk's failure, reported with that lane's next reply
-    inbox = Inbox(device)
-    while True:
-        t_wait = now()
-        msg = transport.recv(src=prev)
-        t_got = now()
-        tracer.add("wait", t_wait, t_got)
-        if msg.op == Op.FORWARD:
-            meta = msg.meta
-            lane, reply, collect = meta.get("lane", 0), meta.get("reply", True), meta.get("collect", False)
-            # Only a message that expects a reply may cause one: a stage that sent ERROR while
-            # rank 0 still streams chunks would wait on rank 0 while rank 0 waits on it.
-            error = failed.pop(lane, None) if reply else failed.get(lane)
+    Stage(transport, runner, device=device, describe=describe).run()
+
+
+class Stage:
+    """One stage's serve loop and the state its handlers share."""
+
+    def __init__(self, transport: Link, runner: StageRunner, *, device: torch.device, describe: Callable[[], dict]) -> None:
+        self.transport, self.runner, self.device, self.describe = transport, runner, device, describe
+        self.rank = transport.rank
+        self.next, self.prev = (self.rank + 1) % transport.world_size, (self.rank - 1) % transport.world_size
+        self.is_last = self.next == 0
+        self.where = f"stage {self.rank} on {transport.host} (layers {min(runner.layers)}:{max(runner.layers) + 1})"
+        self.busy = {"compute_s": 0.0, "forwards": 0}
+        self.tracer = Tracer()
+        self.failed: dict[int, str] = {}  # lane -> a streamed chunk's failure, reported with that lane's next reply
+        self.inbox = Inbox(device)
+
+    def run(self) -> None:
+        while True:
+            t_wait = now()
+            msg = self.transport.recv(src=self.prev)
+            self.t_got = now()
+            self.tracer.add("wait", t_wait, self.t_got)
+            handler = self.HANDLERS.get(msg.op)
+            if handler is None:
+                raise PipelineError(f"rank {self.rank} got an unexpected {msg.op.name} from rank {self.prev}")
+            if handler(self, msg):
+                return
+
+    def forward(self, msg: Message) -> None:
+        """Run this stage's layers on the step and pass it on (or, on the last stage, answer rank 0)."""
+        meta = msg.meta
+        lane, reply, collect = meta.get("lane", 0), meta.get("reply", True), meta.get("collect", False)
+        # Only a message that expects a reply may cause one: a stage that sent ERROR while
+        # rank 0 still streams chunks would wait on rank 0 while rank 0 waits on it.
+        error = self.failed.pop(lane, None) if reply else self.failed.get(lane)
+        if error is not None and not reply:
+            return  # this lane already failed: drop its remaining streamed chunks
+        start = time.perf_counter()
+        if error is None:
+            out, error = self._layers(msg, lane=lane, collect=collect)
             if error is not None and not reply:
-                continue  # this lane already failed: drop its remaining streamed chunks
-            if error is None:
-                start = time.perf_counter()
-                try:
-                    hidden, layer_kwargs, past_len, use_cache = activations.decode(meta, inbox.place(msg))
-                    out = runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane, collect=collect)
-                except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
-                    log.debug("rank %d failed:\n%s", rank, traceback.format_exc())
-                    error = f"stage {rank} on {transport.host} (layers {first}:{last}) failed: {exc}"
-                    runner.free(lane)  # a half-updated cache must not be used again
-                    if not reply:
-                        failed[lane] = error
-                        continue
-            if error is not None:
-                transport.send(Message(Op.ERROR, {"error": error, "req": meta.get("req")}), dst=nxt)
-                continue
-            out, states = out if collect else (out, [])
-            t_done = stamp(device)  # after the device finished this stage's kernels
-            busy["compute_s"] += time.perf_counter() - start
-            busy["forwards"] += 1
-            tracer.add("compute", t_got, t_done)
-            if is_last:
-                if reply:  # a streamed prefill chunk needs no answer
-                    keep = meta.get("keep", 0)
-                    earlier = [msg.tensors[i] for i in meta.get("states", [])]
-                    result = out[:, -keep:] if keep else out
-                    transport.send(Message(Op.RESULT, {"req": meta.get("req")}, [result, *earlier, *states]), dst=0)
-                    if meta.get("head"):  # rank 0 multiplies its rows of the head meanwhile
-                        t_sent = now()
-                        tracer.add("send", t_done, t_sent)
-                        logits = _tail_logits(runner, result, meta["head"], where=f"stage {rank} on {transport.host}")
-                        t_done = now()  # _tail_logits waited for the device
-                        tracer.add("compute", t_sent, t_done)
-                        transport.send(logits, dst=0)
-            else:
-                msg.tensors[0] = out
-                if collect:  # later stages append theirs; the last stage returns them all
-                    meta["states"] = meta.get("states", []) + list(range(len(msg.tensors), len(msg.tensors) + len(states)))
-                    msg.tensors.extend(states)
-                transport.send(msg, dst=nxt)
-            tracer.add("send", t_done, now())
-        elif msg.op == Op.STATS:
-            figures = {**describe(), **busy}
-            if msg.meta.get("spans_since") is not None:
-                figures["spans"] = tracer.since(msg.meta["spans_since"])
-            msg.meta["stages"].append(figures)
-            transport.send(msg, dst=nxt)
-        elif msg.op == Op.ERROR:
-            transport.send(msg, dst=nxt)
-        elif msg.op == Op.FREE:
-            for lane in msg.meta["lanes"]:
-                runner.free(lane)
-                failed.pop(lane, None)
-            if not is_last:
-                transport.send(msg, dst=nxt)
-        elif msg.op == Op.SHUTDOWN:
-            runner.reset()
-            transport.send(msg, dst=nxt)
+                self.failed[lane] = error
+                return
+        if error is not None:
+            self.transport.send(Message(Op.ERROR, {"error": error, "req": meta.get("req")}), dst=self.next)
             return
-        else:
-            raise PipelineError(f"rank {rank} got an unexpected {msg.op.name} from rank {prev}")
+        out, states = out if collect else (out, [])
+        t_done = stamp(self.device)  # after the device finished this stage's kernels
+        self.busy["compute_s"] += time.perf_counter() - start
+        self.busy["forwards"] += 1
+        self.tracer.add("compute", self.t_got, t_done)
+        if not self.is_last:
+            msg.tensors[0] = out
+            if collect:  # later stages append theirs; the last stage returns them all
+                meta["states"] = meta.get("states", []) + list(range(len(msg.tensors), len(msg.tensors) + len(states)))
+                msg.tensors.extend(states)
+            self.transport.send(msg, dst=self.next)
+        elif reply:  # a streamed prefill chunk needs no answer
+            t_done = self._answer(msg, out, states, t_done)
+        self.tracer.add("send", t_done, now())
+
+    def _layers(self, msg: Message, *, lane: int, collect: bool):
+        """This stage's layers on the message: ``(output, None)``, or ``(None, error)`` naming this stage."""
+        try:
+            hidden, layer_kwargs, past_len, use_cache = activations.decode(msg.meta, self.inbox.place(msg))
+            out = self.runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane, collect=collect)
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
+            log.debug("rank %d failed:\n%s", self.rank, traceback.format_exc())
+            self.runner.free(lane)  # a half-updated cache must not be used again
+            return None, f"{self.where} failed: {exc}"
+        return out, None
+
+    def _answer(self, msg: Message, out: torch.Tensor, states: list, t_done: float) -> float:
+        """The last stage's RESULT to rank 0, then its rows of a split head's logits; returns when its
+        own work ended."""
+        meta = msg.meta
+        keep = meta.get("keep", 0)
+        earlier = [msg.tensors[i] for i in meta.get("states", [])]
+        result = out[:, -keep:] if keep else out
+        self.transport.send(Message(Op.RESULT, {"req": meta.get("req")}, [result, *earlier, *states]), dst=0)
+        if meta.get("head"):  # rank 0 multiplies its rows of the head meanwhile
+            t_sent = now()
+            self.tracer.add("send", t_done, t_sent)
+            logits = tail_logits(self.runner, result, meta["head"], where=f"stage {self.rank} on {self.transport.host}")
+            t_done = now()  # tail_logits waited for the device
+            self.tracer.add("compute", t_sent, t_done)
+            self.transport.send(logits, dst=0)
+        return t_done
+
+    def stats(self, msg: Message) -> None:
+        """Add this stage's figures (and its spans, if asked) and pass the message on."""
+        figures = {**self.describe(), **self.busy}
+        if msg.meta.get("spans_since") is not None:
+            figures["spans"] = self.tracer.since(msg.meta["spans_since"])
+        msg.meta["stages"].append(figures)
+        self.transport.send(msg, dst=self.next)
+
+    def error(self, msg: Message) -> None:
+        """An earlier stage's failure: on towards rank 0."""
+        self.transport.send(msg, dst=self.next)
+
+    def free(self, msg: Message) -> None:
+        """Drop the lanes whose caches rank 0 no longer holds."""
+        for lane in msg.meta["lanes"]:
+            self.runner.free(lane)
+            self.failed.pop(lane, None)
+        if not self.is_last:
+            self.transport.send(msg, dst=self.next)
+
+    def shutdown(self, msg: Message) -> bool:
+        """End the session: drop every cache, pass the message on, stop serving."""
+        self.runner.reset()
+        self.transport.send(msg, dst=self.next)
+        return True
+
+    HANDLERS = {Op.FORWARD: forward, Op.STATS: stats, Op.ERROR: error, Op.FREE: free, Op.SHUTDOWN: shutdown}
 
 
-def _tail_logits(runner: StageRunner, hidden: torch.Tensor, request: int, *, where: str) -> Message:
+def tail_logits(runner: StageRunner, hidden: torch.Tensor, request: int, *, where: str) -> Message:
     """The last stage's rows of a split LM head for ``hidden`` [B, K, H], as the reply to ``request``
     with the seconds they took once the device finished (an ERROR naming this stage if they cannot
     be computed)."""

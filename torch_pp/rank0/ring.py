@@ -1,10 +1,11 @@
-"""Rank 0's side of the ring: the driver.
+"""Rank 0's side of the ring: each step's round of the stages, and the session's control.
 
 The ring is 0 -> 1 -> ... -> N-1 -> 0. Rank 0 sends FORWARD (activations plus the
 remote layers' arguments) to rank 1; each stage runs its layers and passes the
-message on (see ``serve``); the last stage returns only the final hidden state to
+message on (see ``runtime.serve``); the last stage returns only the final hidden state to
 rank 0 as RESULT. A stage that fails sends ERROR on instead, which reaches rank 0
 and is raised there, while every stage stays ready for the next request or SHUTDOWN.
+Timing is the ``perf.StepTimer``'s; the replies' routing between threads ``rank0.replies``'.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import time
 
 import torch
 
-from . import activations
-from ..devices import stamp
-from ..devices.copies import Outbox
-from ..devices.turn import DeviceTurn
-from ..trace import Tracer, now
+from ..errors import PipelineError, StageError, TransportError
 from ..net.link import Link
 from ..net.wire import Message, Op
-from ..errors import PipelineError, TransportError
+from ..devices import stamp
+from ..perf import StepTimer
+from ..runtime import activations
+from ..trace import now
+from .outbox import Outbox
 from .replies import ReplyRouter
-
+from .step import Step
+from .turn import DeviceTurn
 
 
 class _Held:
@@ -63,145 +65,83 @@ def _interrupts_held():
         signal.signal(signal.SIGINT, previous)
 
 
-class Driver:
+class Ring:
     """Rank 0's side of the ring: runs the remote layers and controls the session.
 
     Several threads may call ``run_remote`` at once: sends are serialised, and each reply
     (tagged with its request's id) is routed to the thread that sent the request. Which KV
-    cache a request uses on the stages (its lane) is separate: see ``stage.RemoteSpan``.
+    cache a request uses on the stages (its lane) is separate: see ``rank0.lanes.CacheLanes``.
 
     Args:
         transport: The ring's link (see ``net.link.Link``).
         device: Rank 0's device.
-        freed: Returns the lanes whose rank-0 cache is gone since it was last called
-            (``RemoteSpan.take_freed``); the driver tells the stages to drop them with its next send.
+        timer: Rank 0's step timer (``perf.StepTimer``).
         turn: Rank 0's device turn: given up while a thread waits on the wire, so that one
-            thread at a time does device work (see ``devices.turn.DeviceTurn``).
+            thread at a time does device work (see ``rank0.turn.DeviceTurn``).
+        freed: Returns the lanes whose rank-0 cache is gone since it was last called
+            (``RemoteSpan.take_freed``); the ring tells the stages to drop them with its next send.
     """
 
-    def __init__(self, transport: Link, *, device: torch.device, freed: collections.abc.Callable[[], list[int]] | None = None,
-                 turn: DeviceTurn | None = None) -> None:
+    def __init__(self, transport: Link, *, device: torch.device, timer: StepTimer, turn: DeviceTurn,
+                 freed: collections.abc.Callable[[], list[int]] = list) -> None:
         self.transport = transport
         self.device = device
-        self.turn = turn or DeviceTurn()
-        # wall time waiting for the other stages: their layers and the wire (with a split head, less
-        # the head's two parts, computed at the same time: see ``_join_head``)
-        self.remote_s = 0.0
-        self.calls = 0
-        self.tracer = Tracer()
+        self.timer = timer
+        self.turn = turn
         self.outbox = Outbox(device)
-        self.take_freed = freed or list
-        self._local = threading.local()  # per thread: start of rank 0's current compute stretch
+        self.take_freed = freed
         self._send_lock = threading.Lock()
         self._request_ids = itertools.count(1)
         self._replies = ReplyRouter(lambda: transport.recv(src=transport.world_size - 1))
         self.lost: str | None = None  # the liveness verdict, once a stage is lost: every call fails with it
+        self.closed = False
         self.in_flight = 0  # threads inside a send or an exchange
         self._count = threading.Lock()
-        # Threads inside generate() (``calling``), and how many of them wait for the ring: rank 0 is
-        # idle only while all of them wait (``idle`` spans). With lanes, one lane's wait is not
-        # idle time while another lane computes (``perf.breakdown``'s occupied time).
-        self.callers = 0
-        self._waiting = 0
-        self._idle_since: float | None = None
-
-    def mark_busy(self) -> None:
-        """A forward pass starts on rank 0: compute until the next remote call; until the first
-        one, its embedding and its own decoder layers (the ``layers`` span)."""
-        self._local.busy_since = stamp(self.device)
-        self._local.in_layers = True
-
-    def mark_idle(self) -> None:
-        """A forward pass ended on rank 0."""
-        since = getattr(self._local, "busy_since", None)
-        if since is not None:
-            self.tracer.add("compute", since, stamp(self.device))
-            self._local.busy_since = None
-
-    def _pause_busy(self) -> bool:
-        since = getattr(self._local, "busy_since", None)
-        if since is not None:
-            until = stamp(self.device)
-            self.tracer.add("compute", since, until)
-            if self._local.in_layers:  # rank 0's own layers, told apart for ``Pipeline.balanced_plan``
-                self.tracer.add("layers", since, until)
-                self._local.in_layers = False
-        return since is not None
-
-    @contextlib.contextmanager
-    def calling(self, threads: int = 1):
-        """``threads`` threads (a call, or its lanes) run generate() steps until the block ends."""
-        with self._count:
-            self.callers += threads
-        try:
-            yield
-        finally:
-            with self._count:
-                self.callers -= threads
-
-    @contextlib.contextmanager
-    def _awaiting(self):
-        """This thread waits for a reply; the last caller to wait begins an ``idle`` span, the first to stop ends it."""
-        with self._count:
-            self._waiting += 1
-            if self._waiting >= max(self.callers, 1) and self._idle_since is None:
-                self._idle_since = now()
-        try:
-            yield
-        finally:
-            with self._count:
-                self._waiting -= 1
-                if self._idle_since is not None:
-                    self.tracer.add("idle", self._idle_since, now())
-                    self._idle_since = None
 
     @property
     def last_rank(self) -> int:
         return self.transport.world_size - 1
 
-    def run_remote(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
-                   reply: bool = True, keep: int = 0, lane: int = 0, collect: bool = False,
-                   head=None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Send activations round the ring; return the final hidden state on rank 0's device.
+    def run_remote(self, hidden: torch.Tensor, step: Step, *, head=None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Send ``step``'s activations round the ring; return the final hidden state on rank 0's device.
 
         Args:
             hidden: [B, S, H] output of rank 0's layers.
-            layer_kwargs: Each remote layer's arguments.
-            past_len: Tokens already in this lane's caches on the stages.
-            use_cache: Whether the stages keep this step in their caches.
-            reply: False for a pipelined prefill's non-final chunk: send and return at once
-                (``hidden`` comes back as a stand-in), so rank 0 can start the next chunk.
-            keep: Return only the last ``keep`` positions, [B, keep, H] (0: all S).
-            lane: Which KV cache the stages use.
-            collect: Also return every remote layer's output: ``(hidden, [[B, S, H], ...])``.
-            head: A ``model.head.SplitHead``: the last stage multiplies its rows of the LM head
+            step: The forward's step: the remote layers' arguments (``pending``), the lane, its
+                length (``past_len``) and whether to cache; ``reply`` False for a pipelined
+                prefill's non-final chunk (send and return at once, ``hidden`` coming back as a
+                stand-in, so rank 0 can start the next chunk); ``keep``, the last positions to
+                return ([B, keep, H]; 0: all); ``collect``, also return every remote layer's
+                output, ``(hidden, [[B, S, H], ...])``.
+            head: A ``rank0.head.SplitHead``: the last stage multiplies its rows of the LM head
                 after returning the hidden state, while rank 0 multiplies its own
                 (``head.begin``); their logits are joined (``head.finish``) before this returns.
         """
         self._check_lost()
-        busy = self._pause_busy()  # waits for rank 0's queued device work: not the stages' time
+        if self.closed:
+            raise StageError("the pipeline is closed: start it again before running the model")
+        busy = self.timer.pause(step)
         start = time.perf_counter()
-        meta, tensors = activations.encode(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache)
-        meta.update(reply=reply, keep=keep, lane=lane, collect=collect)
+        meta, tensors = activations.encode(hidden, step.pending, past_len=step.past_len, use_cache=step.use_cache)
+        meta.update(reply=step.reply, keep=step.keep, lane=step.lane, collect=step.collect)
         tensors = self.outbox.stage(tensors)  # device work, while this thread still has the turn
-        if not reply:
+        if not step.reply:
             with self.turn.given_up():
                 self._send(Message(Op.FORWARD, meta, tensors))
             if busy:
-                self._local.busy_since = now()
+                self.timer.resume(step)
             return hidden
         with self.turn.given_up():
-            answer = self._exchange(Message(Op.FORWARD, meta, tensors), head=head)
+            answer = self._exchange(Message(Op.FORWARD, meta, tensors), head=head, step=step)
         if answer.op == Op.ERROR:
             raise PipelineError(answer.meta["error"])
         if answer.op != Op.RESULT:
             raise PipelineError(f"rank 0 expected RESULT from rank {self.last_rank}, got {answer.op.name}")
         out = [t.to(self.device) for t in answer.tensors]
-        self.remote_s += time.perf_counter() - start
-        self.calls += 1
+        self.timer.answered(time.perf_counter() - start)
         if busy:
-            self._local.busy_since = now()
-        return (out[0], out[1:]) if collect else out[0]
+            self.timer.resume(step)
+        return (out[0], out[1:]) if step.collect else out[0]
 
     def release_freed(self) -> None:
         """Tell the stages now to drop the lanes whose caches are gone (sends normally carry this along)."""
@@ -225,10 +165,10 @@ class Driver:
             t0 = now()
             self._send_free()
             self.transport.send(message, dst=1)
-        self.tracer.add("send", t0, now())
+        self.timer.record("send", t0)
 
     def stage_lost(self, verdict: str) -> None:
-        """The liveness verdict reached a driver that keeps its process (a notebook kernel).
+        """The liveness verdict reached a rank 0 that keeps its process (a notebook kernel).
 
         Every later call fails with the verdict. A call blocked on the wire comes back by
         itself when the lost stage's connection closed (a dead process); if it is still
@@ -268,7 +208,7 @@ class Driver:
             self.lost = self.lost or monitor.verdict or str(failure)
             raise PipelineError(f"{self.lost}; this pipeline is closed: start a new one") from failure
 
-    def _exchange(self, message: Message, *, head=None) -> Message:
+    def _exchange(self, message: Message, *, head=None, step: Step | None = None) -> Message:
         """Send round the ring and take this request's reply, even if interrupted in between.
 
         A KeyboardInterrupt (a notebook's interrupt button) that lands after the send is held
@@ -283,44 +223,46 @@ class Driver:
         with _interrupts_held() as held, self._flight():
             self._put(message)
             t1 = now()
-            with self._awaiting():
+            with self.timer.waiting():
                 reply = self._replies.await_reply(request)
-            self.tracer.add("wait", t1, now())
+            self.timer.record("wait", t1)
             if head is not None and reply.op == Op.RESULT:
-                reply = self._join_head(reply, head, message.meta["head"])
+                reply = self._join_head(reply, head, message.meta["head"], step)
         if held.count:
             raise KeyboardInterrupt
         return reply
 
-    def _join_head(self, reply: Message, head, request: int) -> Message:
+    def _join_head(self, reply: Message, head, request: int, step: Step) -> Message:
         """Rank 0's rows of a split LM head while the last stage multiplies its own, then theirs joined
         to them; returns ``reply`` with its hidden state on rank 0's device (or the stage's ERROR)."""
         with self.turn.held():
             t0 = now()
             reply.tensors[0] = reply.tensors[0].to(self.device)
-            head.begin(reply.tensors[0])
+            head.begin(reply.tensors[0], step)
             t1 = stamp(self.device)  # after the device finished (the span must not overlap another thread's)
-        self.tracer.add("compute", t0, t1)
-        with self._awaiting():
+        self.timer.record("compute", t0, t1)
+        with self.timer.waiting():
             tail = self._replies.await_reply(request)
-        self.tracer.add("wait", t1, now())
+        self.timer.record("wait", t1)
         if tail.op != Op.RESULT:
             return tail
         # Not communication (``remote_s``): the longer of the two parts, which began about together.
-        self.remote_s -= max(t1 - t0, tail.meta.get("compute_s", 0.0))
+        self.timer.remote_s -= max(t1 - t0, tail.meta.get("compute_s", 0.0))
         with self.turn.held():
-            head.finish(tail.tensors[0].to(self.device))
+            head.finish(tail.tensors[0].to(self.device), step)
         return reply
 
     def collect_stats(self, *, spans_since: float | None = None) -> list[dict]:
-        """Each remote stage's figures (see ``serve``), in rank order; with their spans if asked."""
+        """Each remote stage's figures (see ``runtime.serve``), in rank order; with their spans if asked."""
         reply = self._exchange(Message(Op.STATS, {"stages": [], "spans_since": spans_since}))
         if reply.op != Op.STATS:
             raise PipelineError(f"expected STATS back, got {reply.op.name}")
         return reply.meta["stages"]
 
     def shutdown(self) -> None:
-        """End the session on every stage; returns once the message has gone round the ring."""
+        """End the session on every stage; returns once the message has gone round the ring. Later
+        steps are refused."""
+        self.closed = True
         reply = self._exchange(Message(Op.SHUTDOWN))
         if reply.op != Op.SHUTDOWN:
             raise PipelineError(f"expected SHUTDOWN back, got {reply.op.name}")

@@ -24,6 +24,9 @@ class DeviceTurn:
         # next one (a server's many waiting requests would all wake, and take the GIL, at every token).
         self._queue: collections.deque[threading.Condition] = collections.deque()
         self._held = False
+        # Per thread: how deeply this thread holds the turn (generate() holds it and calls forward(),
+        # which holds it again). The depth belongs to the thread, not to a step: the turn is what
+        # threads take and give up, and a thread that gives it up for a wait must get its depth back.
         self._local = threading.local()
 
     def _acquire(self) -> None:

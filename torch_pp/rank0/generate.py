@@ -1,4 +1,4 @@
-"""Generation on rank 0: guarding HF ``generate()`` and measuring where the time goes.
+"""Rank 0's generate hook: HF ``generate()`` guarded, with lanes and the device turn passed on.
 
 Rank 0's model is the checkpoint's own transformers ``*ForCausalLM`` class, so
 ``generate()`` is transformers' own (logits processors, sampling, streamers,
@@ -11,18 +11,16 @@ from __future__ import annotations
 import copy
 import functools
 import threading
-import time
-from dataclasses import dataclass, field
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
-from .devices.turn import DeviceTurn
-from .runtime.lanes import split_generate
-from .options import check_generation_args
-from .trace import now
-from .errors import UnsupportedGenerationError
+from ..errors import UnsupportedGenerationError
+from ..options import check_generation_args
+from ..perf import StepTimer
+from ..trace import now
+from .lanes import split_generate
+from .turn import DeviceTurn
 
 try:  # the enum moved between transformers releases
     from transformers.generation.configuration_utils import GenerationMode
@@ -87,23 +85,24 @@ class _PassTurn(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def guard_generate(model, *, driver=None, turn=None, on_decode=None) -> None:
-    """Make ``model.generate`` refuse what the pipeline cannot run, clearly, and accept ``lanes=``.
+def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: DeviceTurn, on_decode=None):
+    """The ``generate`` that replaces rank 0's ``model.generate`` (``rank0.install`` puts it in place):
+    it refuses what the pipeline cannot run, clearly, and accepts ``lanes=``.
 
     Refused before anything is sent: modes that reorder or crop the KV cache, and sampling or
     length arguments out of range (see ``options.check_generation_args``).
 
     Args:
         model: Rank 0's model.
-        driver: The pipeline's ``runtime.Driver`` (None with a single stage). With one, ``generate(...,
+        ring: The pipeline's ``rank0.ring.Ring`` (None with a single stage). With one, ``generate(...,
             lanes=L)`` splits the batch into L concurrently running sub-batches (default 1), and after
             each call the stages drop the caches of finished lanes.
-        turn: Rank 0's ``devices.turn.DeviceTurn``: each call holds it while it does device work.
+        timer: Rank 0's step timer (counts the threads inside generate(), for its idle spans).
+        turn: Rank 0's device turn: each call holds it while it does device work.
         on_decode: Called with each finished call's decode window, ``(start, end, steps)`` (see
             ``DecodeClock``), on the thread that made the call.
     """
     original = model.generate
-    turn = turn or DeviceTurn()
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
@@ -120,8 +119,8 @@ def guard_generate(model, *, driver=None, turn=None, on_decode=None) -> None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or ()), _PassTurn(turn, clock)])
         with turn.held():
             out = _generate(original, args, kwargs, count)
-        if driver is not None:  # not after a failure: its own error must be what the caller sees
-            driver.release_freed()
+        if ring is not None:  # not after a failure: its own error must be what the caller sees
+            ring.release_freed()
         window = clock.window() if clock is not None else None
         if window is not None:
             on_decode(window)
@@ -129,16 +128,15 @@ def guard_generate(model, *, driver=None, turn=None, on_decode=None) -> None:
 
     def _generate(original, args, kwargs, count):
         ids = kwargs.get("input_ids")
-        if driver is None or ids is None or args:
+        if ring is None or ids is None or args:
             return original(*args, **kwargs)
-        # One lane unless asked: splitting a batch did not pay where measured (2x H200: a greedy
-        # batch of 8 ran 4x slower in 2 lanes than in one; the CPU VM: 1.03x). A given cache is
-        # one lane: it cannot be split.
+        # One lane unless asked: splitting a batch did not pay where measured (``bench/RESULTS.md``,
+        # "lanes"). A given cache is one lane: it cannot be split.
         if count is None or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
             count = 1
         count = max(1, min(int(count), ids.shape[0]))
         if count == 1:
-            with driver.calling():
+            with timer.calling():
                 return original(**kwargs)
         config = kwargs.get("generation_config") or model.generation_config
         pad = kwargs.get("pad_token_id", config.pad_token_id)
@@ -149,53 +147,7 @@ def guard_generate(model, *, driver=None, turn=None, on_decode=None) -> None:
             with turn.held():
                 return original(**sub)
 
-        with turn.given_up(), driver.calling(count):  # this thread only waits for its lanes
+        with turn.given_up(), timer.calling(count):  # this thread only waits for its lanes
             return split_generate(in_lane, lanes=count, pad_with=pad, **kwargs)
 
-    model.generate = generate
-
-
-@dataclass
-class TokenTimer(BaseStreamer):
-    """A streamer that records when each new token arrives (for TTFT and decode speed).
-
-    transformers calls ``put`` once with the prompt, then once per generated step.
-    """
-
-    start: float = field(default_factory=time.perf_counter)
-    stamps: list[float] = field(default_factory=list)
-    _prompt_seen: bool = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.stamps.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.stamps[0] - self.start if self.stamps else None
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        if len(self.stamps) < 2:
-            return None
-        return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
-
-
-class Streamers(BaseStreamer):
-    """Fan one generation's tokens out to several streamers."""
-
-    def __init__(self, *streamers: BaseStreamer | None) -> None:
-        self.streamers = [s for s in streamers if s is not None]
-
-    def put(self, value: torch.Tensor) -> None:
-        for s in self.streamers:
-            s.put(value)
-
-    def end(self) -> None:
-        for s in self.streamers:
-            s.end()
+    return generate

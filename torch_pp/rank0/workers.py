@@ -2,12 +2,10 @@
 
 Why not a new thread per call: PyTorch keeps some state per thread, and a new thread starts
 without it. cuDNN's attention plans are the costly one: PyTorch caches them per thread (cuDNN
-does not promise that a plan is thread-safe), one per key/value length, each about 2 ms to
-build on an H200. A fresh thread therefore builds a plan at every decode step of its first
-sequence, for every layer, however warm the process is (2x H200, 8B: a greedy batch of 8 in two
-fresh lane threads ran 6x slower than in one lane on the caller's thread; with kept threads and
-every stage's steps replayed, two lanes ran 0.93x one lane, the two changes not measured apart).
-Threads kept across calls keep their plans, cuBLAS handles and workspaces.
+does not promise that a plan is thread-safe), one per key/value length, each a few
+milliseconds to build. A fresh thread therefore builds a plan at every decode step of its first
+sequence, for every layer, however warm the process is (``bench/RESULTS.md``, "lanes"). Threads
+kept across calls keep their plans, cuBLAS handles and workspaces.
 
 Daemon threads, unlike ``concurrent.futures.ThreadPoolExecutor``'s, which the interpreter joins
 at exit: a call blocked on a lost stage must never keep the process from ending.
@@ -70,7 +68,7 @@ class _Worker:
                 except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
                     error = exc
             # Drop the call's objects now: a lane's KV caches are freed on the stages when rank
-            # 0's cache objects are collected (see ``stage.RemoteSpan``). Idle again before the
+            # 0's cache objects are collected (see ``rank0.lanes.CacheLanes``). Idle again before the
             # result is out, so that a caller's next call finds this thread free.
             del fn, args, kwargs
             self.pool._back(self)
