@@ -118,6 +118,7 @@ def test_a_worker_whose_torchrun_agent_is_killed_exits(smol):
         _, err1 = procs[1].communicate(timeout=30)
         procs[0].wait(timeout=60)
         err0 = procs[0].stderr.read()
+    print(f"the worker was gone {gone_s:.1f} s after its agent")  # shown with pytest -s
     assert gone_s <= 15, f"the worker lived {gone_s:.1f} s after its agent"
     assert "rank 1 on " in err1 and "the torchrun agent that started this worker" in err1, err1[-3000:]
     assert procs[0].returncode != 0 and "lost stage 1" in err0, err0[-3000:]
