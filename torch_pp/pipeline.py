@@ -61,7 +61,6 @@ class Pipeline:
         stage: This rank's loaded share.
         rank0: On rank 0, what runs beside the model: the ring, the placeholders' span, the timer,
             the device turn, the split head (``rank0.install.Rank0``); None elsewhere.
-        local: On rank 0 with slots, its own layers' (handed to ``rank0.install``).
         placements: On rank 0, where this run's measured placement is kept for the next start
             (``placement.remembered``: its key and folder); None: not kept.
         decode_windows: On rank 0, the latest generate() calls' decode windows ``(start, end, steps)``.
@@ -77,7 +76,6 @@ class Pipeline:
     dtype: torch.dtype
     stage: LoadedStage
     rank0: Rank0 | None = None
-    local: LocalLayers | None = None
     load_s: float = 0.0  # seconds this rank spent reading its weights
     owns_transport: bool = False  # close() also leaves the process group
     on_close: list[Callable[[], None]] = field(default_factory=list)  # run once, after the stages have ended
@@ -256,13 +254,13 @@ def start(
         raise
     pipe = Pipeline(
         model=stage.model if transport.rank == 0 else None,
-        model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, local=local,
-        load_s=load_s, owns_transport=owns, placements=placements, placed_by=placed_by,
+        model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, load_s=load_s,
+        owns_transport=owns, placements=placements, placed_by=placed_by,
     )
     if awake is not None:
         pipe.on_close.append(awake.terminate)
     if transport.rank == 0:
-        _drive(pipe, options)
+        _drive(pipe, options, local)
         return pipe
     try:
         serve(transport, stage.runner, device=dev, describe=pipe.describe)
@@ -367,9 +365,9 @@ def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dty
     return stage, LocalLayers(own, stage.model.config, accepts=layer_arguments(layers[0]), slots=slots) if own else None
 
 
-def _drive(pipe: Pipeline, o: StartOptions) -> None:
-    """Rank 0: every hook in place (``rank0.install``)."""
+def _drive(pipe: Pipeline, o: StartOptions, local: LocalLayers | None) -> None:
+    """Rank 0: every hook in place (``rank0.install``), with its own layers' slots if it has them."""
     pipe.rank0 = install(pipe.model, transport=pipe.transport, device=pipe.device, num_stages=pipe.plan.num_stages,
-                         remote=pipe.stage.remote, head_cut=pipe.stage.head_cut, local=pipe.local,
+                         remote=pipe.stage.remote, head_cut=pipe.stage.head_cut, local=local,
                          prefill_chunk=o.prefill_chunk,
                          on_decode=pipe.decode_windows.append if pipe.plan.num_stages > 1 and pipe.placements else None)

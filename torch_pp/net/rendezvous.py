@@ -64,7 +64,7 @@ def advertised_address(iface: str | None, *, route: str | None = None) -> str | 
             if addr.family == socket.AF_INET:
                 return addr.address
         return None
-    if route and ipaddress.ip_address(route).version == 4 and not ipaddress.ip_address(route).is_loopback:
+    if route and (ip := ipaddress.ip_address(route)).version == 4 and not ip.is_loopback:
         return route  # the other ranks reach the store's machine, and it reaches us back, on this link
     try:
         return socket.gethostbyname(socket.gethostname())

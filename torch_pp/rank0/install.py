@@ -9,8 +9,9 @@ makes it run the pipeline, touching the model in exactly these places:
 2. with slots (captured decode steps), each of rank 0's own layers' ``forward`` becomes
    ``LocalLayers.forward``;
 3. with a split LM head, ``lm_head.forward`` becomes ``SplitHead.forward``;
-4. ``model.forward`` becomes the forward hook (``rank0.forward``): one ``Step`` per forward,
-   passed down to the layers, and pipelined prefill;
+4. with remote or slotted layers (what reads a ``Step``), ``model.forward`` becomes the forward
+   hook (``rank0.forward``): one ``Step`` per forward, passed down to the layers, and pipelined
+   prefill;
 5. ``model.generate`` becomes the generate hook (``rank0.generate``): refusals, lanes, the
    device turn passed on after each token.
 
@@ -107,7 +108,9 @@ def install(model: nn.Module, *, transport, device: torch.device, num_stages: in
         for idx, own in local.forwards.items():
             own.__self__.forward = functools.partial(local.forward, idx)
     model.prefill_chunk = prefill_chunk
-    model.forward = forward_hook(model, span=rank0.span, timer=rank0.timer if rank0.ring else None, turn=rank0.turn,
-                                 stages=num_stages, local_layers=len(layers) - len(remote), device=device, head=rank0.head)
+    if rank0.span is not None or local is not None:  # one plain process: nothing reads a step
+        model.forward = forward_hook(model, span=rank0.span, timer=rank0.timer if rank0.ring else None, turn=rank0.turn,
+                                     stages=num_stages, local_layers=len(layers) - len(remote), device=device,
+                                     head=rank0.head)
     model.generate = generate_hook(model, ring=rank0.ring, timer=rank0.timer, turn=rank0.turn, on_decode=on_decode)
     return rank0

@@ -59,8 +59,7 @@ class Stage:
         while True:
             t_wait = now()
             msg = self.transport.recv(src=self.prev)
-            self.t_got = now()
-            self.tracer.add("wait", t_wait, self.t_got)
+            self.tracer.add("wait", t_wait, now())
             handler = self.HANDLERS.get(msg.op)
             if handler is None:
                 raise PipelineError(f"rank {self.rank} got an unexpected {msg.op.name} from rank {self.prev}")
@@ -69,6 +68,7 @@ class Stage:
 
     def forward(self, msg: Message) -> None:
         """Run this stage's layers on the step and pass it on (or, on the last stage, answer rank 0)."""
+        t_got = now()
         meta = msg.meta
         lane, reply, collect = meta.get("lane", 0), meta.get("reply", True), meta.get("collect", False)
         # Only a message that expects a reply may cause one: a stage that sent ERROR while
@@ -89,7 +89,7 @@ class Stage:
         t_done = stamp(self.device)  # after the device finished this stage's kernels
         self.busy["compute_s"] += time.perf_counter() - start
         self.busy["forwards"] += 1
-        self.tracer.add("compute", self.t_got, t_done)
+        self.tracer.add("compute", t_got, t_done)
         if not self.is_last:
             msg.tensors[0] = out
             if collect:  # later stages append theirs; the last stage returns them all
