@@ -45,6 +45,9 @@ SHAPES = {  # model_type, config
     "8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072,
                          rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    "1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),  # a draft's shape
     "32b": ("qwen2", dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                           num_attention_heads=40, num_key_value_heads=8, rope_theta=1000000.0, max_position_embeddings=32768,
                           rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),

@@ -42,7 +42,9 @@ def test_two_stages_equal_single_process_transformers(smol_run):
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, "--output json prints exactly one line on rank 0's stdout"
     result = json.loads(lines[0])
-    assert set(result) == {"text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "placement", "stages"}
+    assert set(result) == {"text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "placement", "stages",
+                           "speculation"}
+    assert result["speculation"]["calls"] == 0
     assert result["placement"] == {"layers": "0:15,15:30", "by": "memory"}  # (kept placements are off in the tests)
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -151,3 +153,37 @@ def test_first_screen_reads_cleanly(tmp_path):
     assert "OMP_NUM_THREADS" not in screen
     bars = {line.split(":")[0] for line in screen.splitlines() if "%|" in line}
     assert bars == {"converting SmolLM2-135M-Instruct.Q4_1.gguf to safetensors (once)", "rank 0"}, bars
+
+
+GROUNDED = ("Repeat this sentence exactly, word for word: The quick brown fox jumps over the lazy dog "
+            "while the farmer watches from the old wooden gate.")
+
+
+@pytest.mark.parametrize("how", ["--prompt-lookup", "--draft-model"])
+def test_generate_speculates_with_the_tokens_of_plain_decoding(smol_run, torch_pp_cache, smol_reference, how):
+    """``--prompt-lookup K`` and ``--draft-model DIR`` (here the model itself: every proposal of
+    its own accepted) on 2 stages: the tokens of plain transformers, and the counts in the JSON."""
+    _, folder = smol_run
+    _, tok, ref = smol_reference
+    arg = "6" if how == "--prompt-lookup" else str(folder)
+    run = torchrun(2, ["torch_pp", "generate", "--prompt", GROUNDED, "--chat", "--max-new-tokens", "32", "--output", "json",
+                       "--no-progress", "--dtype", "float32", how, arg],
+                   module=True, env={"TORCH_PP_CACHE": str(torch_pp_cache)}, timeout=300)
+    assert run.returncode == 0, run.stderr[-5000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    inputs = tok.apply_chat_template([{"role": "user", "content": GROUNDED}], add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)
+    want = ref.generate(**inputs, max_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert result["token_ids"] == want
+    spec = result["speculation"]
+    assert spec["calls"] == 1 and spec["accepted"] > 0 and spec["acceptance"] == spec["accepted"] / spec["proposed"], spec
+    if how == "--draft-model":
+        assert spec["acceptance"] > 0.9, spec  # the model drafting for itself
+
+
+def test_bad_speculation_flags_are_refused_before_anything_starts():
+    run = torchrun(2, ["torch_pp", "generate", "--prompt", "x", "--prompt-lookup", "0"], module=True, timeout=60)
+    assert run.returncode == 1 and "--prompt-lookup 0 is out of range" in run.stderr
+    run = torchrun(2, ["torch_pp", "generate", "--prompt", "x", "--prompt-lookup", "3", "--draft-model", "d"], module=True,
+                   timeout=60)
+    assert run.returncode == 1 and "give one of them" in run.stderr

@@ -9,6 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import ARCHS, WORKERS, torchrun
+from tiny_models import write_tiny_model
 
 ATOL = 1e-5  # fp32 tolerance; in practice the logits are bit-identical
 
@@ -18,7 +19,8 @@ def split_run(request, tiny_models, tmp_path_factory):
     n = request.param
     out = tmp_path_factory.mktemp(f"split{n}")
     # With 2 and 4 stages the LM head is split between rank 0 and the last stage; with 3 it stays whole.
-    env = {"OUT": str(out), **({"SPLIT_HEAD": "1"} if n in (2, 4) else {})}
+    draft = write_tiny_model("llama", out / "draft", seed=1, layers=2)  # a draft of the same vocabulary, for assisted generation
+    env = {"OUT": str(out), "DRAFT": str(draft), **({"SPLIT_HEAD": "1"} if n in (2, 4) else {})}
     run = torchrun(n, [str(WORKERS / "split_worker.py"), *map(str, tiny_models.values())], env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-6000:]
     report = json.loads((out / "report.json").read_text())
@@ -44,6 +46,21 @@ def test_split_equals_whole(split_run, arch, fmt):
     assert r["beam_error"] and "beam search" in r["beam_error"]
     assert r["after_beam_ok"]
     assert [s["rank"] for s in r["stats"]] == list(range(n))
+    spec = r["stats"][0]["speculation"]  # proposals both rejected (the stages moved back) and accepted
+    assert spec["proposed"] > spec["accepted"] > 0 and spec["calls"] == 8, spec
+    if n > 1:
+        assert all(s["rewinds"] > 0 for s in r["stats"][1:]), r["stats"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_assisted_generation_equals_whole(split_run, arch):
+    """Prompt lookup and a draft model through the pipeline: the tokens of plain greedy decoding, of
+    transformers' own assisted call, of its seeded sampling; chunked; continued from a returned cache."""
+    n, report, _ = split_run
+    r = report[arch]
+    for key in ("lookup_equal_plain", "lookup_equal_hf", "chunked_lookup_equal", "draft_equal_plain", "draft_equal_hf",
+                "self_draft_equal_plain", "lookup_sample_equal", "draft_sample_equal", "continued_equal"):
+        assert r[key], f"{arch}, {n} stages: {key}"
     first, last = r["stats"][0], r["stats"][-1]
     if n in (2, 4):  # every generate() step's logits were joined from both parts, none multiplied whole instead
         assert (first["head_rows"], last["head_rows"]) == (128, 128), r["stats"]

@@ -39,6 +39,11 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-head", action=argparse.BooleanOptionalAction, default=None,
                    help="split the LM head's rows between rank 0 and the last stage, which multiply them at once "
                         "(default: where rank 0 and the last stage are CPUs and the head is large)")
+    p.add_argument("--draft-model", help="Hugging Face folder of a small model of the same tokenizer, loaded on rank 0 only: "
+                                        "speculative decoding of one stream (proposals verified several tokens a step)")
+    p.add_argument("--prompt-lookup", type=int, metavar="K",
+                   help="speculative decoding without a second model: propose up to K tokens found after the last "
+                        "n-gram's earlier occurrence in the prompt or the text so far (pays for summaries, edits, code)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--layers", help="manual plan to check instead")
     pl.add_argument("--split-head", action="store_true",
                     help="count the LM head split between rank 0 and the last stage (as a run on CPUs does by default)")
+    pl.add_argument("--draft-model", help="count a draft model for speculative decoding on rank 0 (its folder or config.json)")
     pl.add_argument("--reserve", default="1GiB", help="runtime overhead per node (default 1GiB)")
     pl.add_argument("--output", choices=["text", "json"], default="text")
     doc = sub.add_parser("doctor", help="check every machine and measure every link (run under torchrun like generate)")
@@ -99,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_plan(args: argparse.Namespace) -> int:
     """``torch_pp plan``: exit 0 if the model fits, 3 if it does not."""
+    import dataclasses
     from pathlib import Path
 
     from .placement.config import load_config_only
@@ -112,6 +119,8 @@ def run_plan(args: argparse.Namespace) -> int:
     reserve = parse_bytes(args.reserve)
     sizes = head_split(model_sizes(config), num_stages=len(memory), dtype=args.dtype, devices=["cpu"] * len(memory),
                        wanted=args.split_head)
+    if args.draft_model:
+        sizes = dataclasses.replace(sizes, draft=model_sizes(load_config_only(Path(args.draft_model))[0]))
     plan = choose_plan(sizes, num_stages=len(memory), layers=args.layers, balance=args.balance, available=memory,
                        dtype=args.dtype, context=args.context, batch=args.batch, reserve=reserve, quantize=args.quantize)
     needs = stage_needs(sizes, plan, dtype=args.dtype, context=args.context, batch=args.batch, available=memory, reserve=reserve,
@@ -187,6 +196,10 @@ def start_options(args: argparse.Namespace) -> StartOptions:
     Raises:
         OptionsError: for an option out of range.
     """
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise OptionsError(f"--prompt-lookup {args.prompt_lookup} is out of range: it must be a whole number >= 1")
+    if args.prompt_lookup and args.draft_model:
+        raise OptionsError("--prompt-lookup and --draft-model are two ways to propose tokens: give one of them")
     if args.command == "generate":
         check_generation_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
@@ -200,7 +213,7 @@ def start_options(args: argparse.Namespace) -> StartOptions:
     return StartOptions(model=args.model, layers=args.layers, balance=args.balance, context=args.context,
                         max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
                         device=args.device, dtype=args.dtype, progress=not args.no_progress, quantize=args.quantize,
-                        graphs=args.graphs, split_head=args.split_head)
+                        graphs=args.graphs, split_head=args.split_head, draft_model=args.draft_model)
 
 
 def preflight(options: StartOptions, world_size: int) -> None:
@@ -257,6 +270,7 @@ def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> 
             out = pipe.model.generate(
                 **inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
                 streamer=Streamers(timer, text_out), **sampling,
+                **({"prompt_lookup_num_tokens": args.prompt_lookup} if args.prompt_lookup else {}),
             )
         prompt_len = inputs["input_ids"].shape[1]
         new_ids = out[0, prompt_len:].tolist()
@@ -268,6 +282,7 @@ def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> 
             "ttft_s": timer.ttft_s,
             "decode_tokens_per_s": timer.decode_tokens_per_s,
             "placement": {"layers": pipe.plan.spec(), "by": pipe.placed_by},
+            "speculation": stages[0].get("speculation"),
             "stages": [
                 {k: s[k] for k in ("rank", "host", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes",
                                    "head_rows") if k in s}
@@ -277,11 +292,13 @@ def run_generate(args: argparse.Namespace, options: StartOptions, transport) -> 
     if args.output == "json":
         print(json.dumps(result), flush=True)
     else:
-        tps = result["decode_tokens_per_s"]
+        tps, spec = result["decode_tokens_per_s"], result["speculation"]
+        accepted = (f"; speculation: {spec['accepted']} of {spec['proposed']} proposed tokens accepted"
+                    if spec and spec["calls"] else "")
         print(
             f"[{len(new_ids)} tokens; time to first token {result['ttft_s'] or 0:.3f} s; "
             f"decode {tps or 0:.1f} tokens/s; {len(stages)} stage(s), layers {result['placement']['layers']} "
-            f"by {result['placement']['by']}]",
+            f"by {result['placement']['by']}{accepted}]",
             file=sys.stderr,
         )
     return 0

@@ -57,10 +57,12 @@ class StartOptions:
     quantize: str | None = None
     graphs: bool | None = None
     split_head: bool | None = None
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
-        if self.model is not None:
-            object.__setattr__(self, "model", str(self.model))
+        for name in ("model", "draft_model"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
         if self.balance not in BALANCES:
             raise OptionsError(f"balance must be one of {', '.join(BALANCES)}, not {self.balance!r}")
         for name in ("context", "batch"):

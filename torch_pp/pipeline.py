@@ -10,6 +10,7 @@ other ranks it serves the stage and returns once rank 0 closes the pipeline.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 import os
@@ -35,14 +36,19 @@ from .placement.plan import PlanError, StagePlan, parse_layers
 from .perf import window_figures
 from .rank0.install import Rank0, install
 from .rank0.local import LocalLayers
+from .rank0.speculation import Cutoff
 from .runtime.agreement import agree, agree_on
 from .runtime.serve import serve
 from .trace import now
-from .placement.sizing import DEFAULT_RESERVE, choose_plan, head_split, measured_plan, model_sizes, needs_table, stage_needs
+from .placement.sizing import (DEFAULT_RESERVE, choose_plan, head_split, measured_plan, model_sizes, needs_table,
+                               sizes_from_json, stage_needs)
 from .net.machine import keep_awake, same_machine
 from .net.transport import Transport
 
 log = logging.getLogger("torch_pp")
+# An assisted call whose proposals keep failing decodes plainly for the rest of the call (see
+# ``rank0.speculation.Cutoff``; the figures behind it: ``bench/RESULTS.md``, "speculation").
+SPECULATION_CUTOFF = Cutoff()
 
 @dataclass(eq=False)
 class Pipeline:
@@ -64,6 +70,7 @@ class Pipeline:
         placements: On rank 0, where this run's measured placement is kept for the next start
             (``placement.remembered``: its key and folder); None: not kept.
         decode_windows: On rank 0, the latest generate() calls' decode windows ``(start, end, steps)``.
+        draft: On rank 0, the draft model of ``draft_model`` (None without one).
         placed_by: What chose the plan: ``"layers"`` (given), ``"measured"`` (kept from an earlier
             run, see ``placement.remembered``) or the balance (``"memory"``, ``"compute"``, ``"even"``).
     """
@@ -81,6 +88,7 @@ class Pipeline:
     on_close: list[Callable[[], None]] = field(default_factory=list)  # run once, after the stages have ended
     placements: tuple[dict, Path] | None = None
     placed_by: str = "memory"
+    draft: torch.nn.Module | None = None
     decode_windows: collections.deque = field(default_factory=lambda: collections.deque(maxlen=remembered.WINDOWS))
     _closed: bool = False
 
@@ -226,6 +234,10 @@ def start(
             KV caches preallocated for ``context`` tokens per sequence (see ``model.graphs`` and
             ``rank0.local``). None: on for CUDA stages of the families that allow it; True: required
             (on a CPU or Mac the same steps run eagerly); False: off.
+        draft_model: A Hugging Face folder of a small model of the same tokenizer, loaded on rank 0 only
+            (its weights and KV cache counted in rank 0's placement): generate() calls of one
+            sequence are then assisted by it (speculative decoding: see ``rank0.speculation``), unless
+            they pass ``assistant_model=None`` or ``prompt_lookup_num_tokens``.
         transport: An existing transport to reuse; default: join torchrun's group (or run alone).
 
     Returns:
@@ -245,7 +257,7 @@ def start(
     transport = transport or Transport.from_env()
     awake = keep_awake()  # a Mac that idle-sleeps would be declared lost by the other stages
     try:
-        model_dir, plan, dev, dt, stage, local, load_s, placements, placed_by = _prepare_and_load(transport, options)
+        model_dir, plan, dev, dt, stage, local, draft, load_s, placements, placed_by = _prepare_and_load(transport, options)
     except BaseException:
         if awake is not None:
             awake.terminate()
@@ -255,7 +267,7 @@ def start(
     pipe = Pipeline(
         model=stage.model if transport.rank == 0 else None,
         model_dir=model_dir, plan=plan, transport=transport, device=dev, dtype=dt, stage=stage, load_s=load_s,
-        owns_transport=owns, placements=placements, placed_by=placed_by,
+        owns_transport=owns, placements=placements, placed_by=placed_by, draft=draft,
     )
     if awake is not None:
         pipe.on_close.append(awake.terminate)
@@ -284,7 +296,9 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
                   "bytes": o.max_memory if o.max_memory is not None else memory_available(dev)}
         dt = pick_dtype(o.dtype, dev, checkpoint_dtype(config))
         check_quantize(o.quantize, device=dev, dtype=dt)  # refused with the reason, before anything is read
-        return model_dir, sizes, dev, dt, model_fingerprint(model_dir), memory
+        # The draft lives on rank 0 alone, and only its folder need exist there: rank 0 counts it.
+        draft = dataclasses.asdict(model_sizes(read_config(o.draft_model))) if o.draft_model and transport.rank == 0 else None
+        return model_dir, sizes, dev, dt, model_fingerprint(model_dir), memory, draft
 
     def place(sizes, dt, rows, recalled):
         # Ranks on one machine (or one GPU) share its memory.
@@ -316,8 +330,11 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         cap_memory(dev, available[transport.rank])  # MPS: hold this rank to its share of the Mac's memory
         return plan, sizes.head_cut, by
 
-    model_dir, sizes, dev, dt, fingerprint, memory = agree(transport, prepare, what="start the pipeline")
+    model_dir, sizes, dev, dt, fingerprint, memory, draft = agree(transport, prepare, what="start the pipeline")
     rows = transport.all_gather(memory)
+    draft = transport.all_gather(draft)[0]
+    if draft is not None:
+        sizes = dataclasses.replace(sizes, draft=sizes_from_json(draft))
     # Rank 0's folder decides: it measures and keeps placements, and every rank must place alike.
     where = remembered.folder() if transport.rank == 0 else None
     key = remembered.key(fingerprint=fingerprint, ranks=rows, dtype=dtype_name(dt), quantize=o.quantize,
@@ -334,14 +351,24 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
     })
     transport.describe(layers=plan.ranges[transport.rank])
     load_start = time.perf_counter()
-    (stage, local), load_s = agree(
+    (stage, local, draft), load_s = agree(
         transport,
-        lambda: (_use_slots(load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt,
-                                       progress=show, quantize=o.quantize, head_cut=head_cut), o, device=dev, dtype=dt),
+        lambda: ((*_use_slots(load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt,
+                                         progress=show, quantize=o.quantize, head_cut=head_cut), o, device=dev, dtype=dt),
+                  _load_draft(o.draft_model, device=dev, dtype=dt) if transport.rank == 0 else None),
                  time.perf_counter() - load_start),
         what="load the model",
     )
-    return model_dir, plan, dev, dt, stage, local, load_s, (key, where) if where is not None else None, placed_by
+    return model_dir, plan, dev, dt, stage, local, draft, load_s, (key, where) if where is not None else None, placed_by
+
+
+def _load_draft(folder: str | None, *, device: torch.device, dtype: torch.dtype):
+    """Rank 0: the draft model for speculative decoding, whole, on rank 0's device (None without one)."""
+    if folder is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dtype):
@@ -369,5 +396,5 @@ def _drive(pipe: Pipeline, o: StartOptions, local: LocalLayers | None) -> None:
     """Rank 0: every hook in place (``rank0.install``), with its own layers' slots if it has them."""
     pipe.rank0 = install(pipe.model, transport=pipe.transport, device=pipe.device, num_stages=pipe.plan.num_stages,
                          remote=pipe.stage.remote, head_cut=pipe.stage.head_cut, local=local,
-                         prefill_chunk=o.prefill_chunk,
+                         prefill_chunk=o.prefill_chunk, draft=pipe.draft, cutoff=SPECULATION_CUTOFF,
                          on_decode=pipe.decode_windows.append if pipe.plan.num_stages > 1 and pipe.placements else None)

@@ -13,11 +13,13 @@ from transformers.generation.streamers import BaseStreamer
 class TokenTimer(BaseStreamer):
     """A streamer that records when each new token arrives (for TTFT and decode speed).
 
-    transformers calls ``put`` once with the prompt, then once per generated step.
+    transformers calls ``put`` once with the prompt, then once per generated step: one token
+    each, or the tokens a speculative verification step accepted.
     """
 
     start: float = field(default_factory=time.perf_counter)
     stamps: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # tokens per stamp
     _prompt_seen: bool = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -25,6 +27,7 @@ class TokenTimer(BaseStreamer):
             self._prompt_seen = True
             return
         self.stamps.append(time.perf_counter())
+        self.tokens.append(value.shape[-1] if value.dim() else 1)
 
     def end(self) -> None:
         pass
@@ -37,7 +40,7 @@ class TokenTimer(BaseStreamer):
     def decode_tokens_per_s(self) -> float | None:
         if len(self.stamps) < 2:
             return None
-        return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+        return sum(self.tokens[1:]) / (self.stamps[-1] - self.stamps[0])
 
 
 class Streamers(BaseStreamer):

@@ -102,7 +102,49 @@ def check(name, path, pipe):
     except UnsupportedGenerationError as exc:
         r["beam_error"] = str(exc)
     r["after_beam_ok"] = torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), ref.generate(ids, max_new_tokens=4, do_sample=False))
+    r.update(speculative(ref, model, g))
     r["stats"] = pipe.stats()
+    return r
+
+
+def speculative(ref, model, g):
+    """Assisted generation through the pipeline: prompt lookup and a draft model, greedy and sampled,
+    on a prompt longer than the tiny models' sliding window, chunked, and continued from a cache."""
+    r = {}
+    draft = AutoModelForCausalLM.from_pretrained(os.environ["DRAFT"], dtype=torch.float32).to(model.device).eval()
+    pattern = torch.randint(3, 250, (1, 7), generator=g)
+    long_ids = torch.cat([pattern] * 6, dim=1).to(model.device)  # 42 tokens: n-grams to find, past the window of 16
+    plain = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    lookup = dict(plain, prompt_lookup_num_tokens=5)
+    want_plain = ref.generate(long_ids, **plain)
+    got = model.generate(long_ids, **lookup)
+    r["lookup_equal_plain"] = torch.equal(got, want_plain)
+    r["lookup_equal_hf"] = torch.equal(got, ref.generate(long_ids, **lookup))
+    chunk, model.prefill_chunk = model.prefill_chunk, 4  # the first verification keeps more than a chunk
+    try:
+        r["chunked_lookup_equal"] = torch.equal(model.generate(long_ids, **lookup), want_plain)
+    finally:
+        model.prefill_chunk = chunk
+    drafted = dict(plain, assistant_model=draft)
+    got = model.generate(long_ids, **drafted)
+    r["draft_equal_plain"] = torch.equal(got, want_plain)
+    r["draft_equal_hf"] = torch.equal(got, ref.generate(long_ids, **drafted))
+    # The target's own weights as the draft: every proposal accepted, the verification's last positions kept.
+    got = model.generate(long_ids, **dict(plain, assistant_model=ref))
+    r["self_draft_equal_plain"] = torch.equal(got, want_plain)
+    sampled = dict(max_new_tokens=24, min_new_tokens=24, do_sample=True, temperature=0.7, top_k=20)
+    for name, extra in (("lookup", {"prompt_lookup_num_tokens": 5}), ("draft", {"assistant_model": draft})):
+        set_seed(11)
+        want = ref.generate(long_ids, **sampled, **extra)
+        set_seed(11)
+        r[f"{name}_sample_equal"] = torch.equal(model.generate(long_ids, **sampled, **extra), want)
+    # Continue from a returned cache (HF cropped it after its last verification).
+    first = dict(lookup, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True)
+    a, b = ref.generate(long_ids, **first), model.generate(long_ids, **first)
+    more = dict(lookup, max_new_tokens=12, min_new_tokens=12)
+    want = ref.generate(a.sequences, past_key_values=a.past_key_values, **more)
+    got = model.generate(b.sequences, past_key_values=b.past_key_values, **more)
+    r["continued_equal"] = torch.equal(got, want) and torch.equal(a.sequences, b.sequences)
     return r
 
 

@@ -146,15 +146,23 @@ class Engine:
         max_concurrent: Requests generating at once (each in its own lane).
         max_queue: Requests waiting for a slot; beyond them, ``Busy``.
         lost: Returns the liveness verdict once a stage is lost (None while all are alive).
+        speculate: generate() arguments for speculative decoding (``{"prompt_lookup_num_tokens": K}``;
+            ``{}`` for the pipeline's draft model), given to a request that starts while no other
+            runs; a request that starts beside others decodes plainly (``assistant_model=None``):
+            speculation multiplies the work of every step, which pays only where one stream has the
+            machines to itself. None: never.
     """
 
-    def __init__(self, model, tokenizer, *, max_concurrent: int, max_queue: int, lost: Callable[[], str | None]) -> None:
+    def __init__(self, model, tokenizer, *, max_concurrent: int, max_queue: int, lost: Callable[[], str | None],
+                 speculate: dict | None = None) -> None:
         if max_concurrent < 1 or max_queue < 0:
             raise OptionsError(f"max_concurrent must be at least 1 and max_queue at least 0, got {max_concurrent}, {max_queue}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.lost = lost
+        self.speculate = speculate
+        self.speculated = 0  # requests that ran with speculation
         self._slots = threading.Semaphore(max_concurrent)
         self._lock = threading.Lock()
         self._active: set[Generation] = set()  # admitted, not yet ended
@@ -214,6 +222,11 @@ class Engine:
             with self._lock:
                 self.waiting -= 1
                 self.running += 1
+                alone = self.running == 1
+            speculation = {"assistant_model": None}  # beside others: plain decoding, the draft off
+            if alone and self.speculate is not None:
+                speculation = dict(self.speculate)
+                self.speculated += 1
             if generation.cancel.is_set():
                 streamer.end()
                 return
@@ -228,7 +241,7 @@ class Engine:
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens, streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([_Cancelled(generation.cancel)]),
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling, **stop)
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling, **stop, **speculation)
             generation.output_ids = out[0, ids.shape[1]:].tolist()
             eos = self.model.generation_config.eos_token_id
             eos = set(eos if isinstance(eos, list) else [eos])

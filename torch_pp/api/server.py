@@ -28,7 +28,9 @@ def run_serve(args, options, transport) -> int:
             print(f"torch_pp: warning: serving on {args.host} without --api-key: anyone who reaches port {args.port} "
                   "can use the model", file=sys.stderr, flush=True)
         engine = Engine(pipe.model, pipe.tokenizer(), max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-                        lost=lambda: pipe.rank0.ring.lost if pipe.rank0.ring else None)  # one stage: nothing to lose
+                        lost=lambda: pipe.rank0.ring.lost if pipe.rank0.ring else None,  # one stage: nothing to lose
+                        speculate={"prompt_lookup_num_tokens": args.prompt_lookup} if args.prompt_lookup
+                        else {} if pipe.draft is not None else None)
         stages = [{"rank": r, "host": transport.hellos[r]["host"], "layers": list(pipe.plan.ranges[r])}
                   for r in range(pipe.plan.num_stages)]
         name = args.served_model_name or Path(pipe.model_dir).name

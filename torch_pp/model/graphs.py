@@ -12,6 +12,12 @@ runs eagerly, through transformers' own sdpa function, on exactly the positions 
 far and with the step's own mask. Every other kernel is the one the eager layer launches on
 the same shapes, and the tokens are transformers' own, bit for bit.
 
+A step of a few tokens after a cached past (a speculative verification step: ``MAX_STEP_TOKENS``
+at most) is captured the same way, one capture per step shape, so a stream alternating between
+one-token steps and verification steps of any length replays every one of them. A lane may
+move back (rank 0 cropped its cache after a rejected proposal): the slot's length is just set
+back, and the next step overwrites the positions beyond it.
+
 Prefills run eagerly into the same buffers. Slots are reused by later lanes of the same batch
 size, and with them their captured pieces. Where the device cannot capture (CPU, MPS) a slot
 runs its steps eagerly. Pure model math: no communication.
@@ -40,6 +46,15 @@ _capturing: list["Slot"] = []  # the slot whose step is being captured, if any
 # "execution failed" mid-capture); the thread-local mode checks only the capturing thread.
 # Device work from torch_pp's own threads waits for rank 0's device turn, held while capturing.
 CAPTURE_MODE = "thread_local"
+# Tokens a captured step may have: one decode token, or a verification step of a speculative
+# proposal and its bonus token (transformers drafts 20 tokens at most by default).
+MAX_STEP_TOKENS = 24
+
+
+def replayable(hidden: torch.Tensor, past_len: int) -> bool:
+    """Whether a step of ``hidden`` [B, S, H] after ``past_len`` cached positions may be replayed:
+    a decode or verification step (prefills run eagerly: a graph per prompt length would not pay)."""
+    return hidden.shape[1] == 1 or (past_len > 0 and hidden.shape[1] <= MAX_STEP_TOKENS)
 
 
 def unsupported(config) -> str | None:
@@ -88,7 +103,7 @@ class StaticKV:
         self.batch, self.max_len = batch, max_len
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.index = torch.zeros(1, dtype=torch.long, device=device)  # a captured step's position
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # a captured step's positions (its capture's own)
         self.captured = False  # True: write at ``index``, return the whole buffers (the attention slices)
         self.length = 0  # eager: positions written before this forward
 
@@ -127,8 +142,22 @@ class _Cut:
         self.out.copy_(out)
 
 
+class _Capture:
+    """One step shape's captured pieces, with their static inputs, outputs and write positions."""
+
+    def __init__(self, tokens: int, device: torch.device) -> None:
+        self.tokens = tokens
+        self.pieces: list[torch.cuda.CUDAGraph] = []  # pieces[i], cuts[i], ..., pieces[-1]
+        self.cuts: list[_Cut] = []
+        self.inputs: tuple[torch.Tensor, dict] | None = None  # static hidden state and layer arguments
+        self.outs: list[torch.Tensor] = []  # each layer's output, as the last replay left it
+        self.offsets = torch.arange(tokens, device=device)
+        self.index = torch.zeros(tokens, dtype=torch.long, device=device)  # where the step writes
+
+
 class Slot:
-    """A ``StaticKV`` and its decode step, captured in pieces on first use where ``capture``.
+    """A ``StaticKV`` and its decode and verification steps, captured in pieces on first use of
+    each step shape where ``capture``.
 
     Args:
         layers: Global layer index -> decoder layer (or its forward), the stage's layers in order
@@ -146,16 +175,19 @@ class Slot:
         self.layers, self.cache_kw, self.device = layers, cache_kw, device
         self.kv = StaticKV(batch=batch, max_len=max_len, device=device)
         self.capture, self.pool = capture, pool
-        self.pieces: list[torch.cuda.CUDAGraph] = []  # captured: pieces[i], cuts[i], ..., pieces[-1]
-        self.cuts: list[_Cut] = []
-        self.signature = None  # what the captured pieces' inputs were made for
-        self.inputs: tuple[torch.Tensor, dict] | None = None  # static hidden state and layer arguments
-        self.outs: list[torch.Tensor] = []  # each layer's output, as the last replay left it
+        self.captures: dict[tuple, _Capture] = {}  # step signature -> its capture
+        self.last: _Capture | None = None  # the capture replayed last
         self._open: torch.cuda.CUDAGraph | None = None
+        self._capturing: _Capture | None = None
 
     @property
     def captured(self) -> bool:
-        return bool(self.pieces)
+        return bool(self.captures)
+
+    @property
+    def outs(self) -> list[torch.Tensor]:
+        """Each layer's output, as the last replay left it."""
+        return self.last.outs
 
     def run(self, layers_run: Callable[[StaticKV], torch.Tensor], past_len: int) -> torch.Tensor:
         """Run ``layers_run(cache)`` eagerly, writing positions from ``past_len`` on."""
@@ -163,23 +195,24 @@ class Slot:
         return layers_run(self.kv)
 
     def step(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> torch.Tensor | None:
-        """One decode step ([B, 1, H] -> [B, 1, H]) at position ``past_len`` from captured pieces;
-        None where it is not captured (the caller runs it eagerly)."""
+        """One decode or verification step ([B, S, H] -> [B, S, H]) at positions from ``past_len`` on,
+        from captured pieces; None where it is not captured (the caller runs it eagerly)."""
         return self.outs[-1].clone() if self.replay(hidden, kwargs, past_len) else None
 
     def replay(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> bool:
-        """Run one decode step at position ``past_len`` from captured pieces, leaving each layer's
+        """Run one step at positions from ``past_len`` on from captured pieces, leaving each layer's
         output in ``outs`` (overwritten by the next replay); False where it is not captured."""
         if not self.capture:
             return False
         signature = _signature(hidden, kwargs)
         if signature is None:
             return False
-        if signature != self.signature:
-            self._capture(hidden, kwargs, past_len, signature)
-            if not self.captured:
+        cap = self.captures.get(signature)
+        if cap is None:
+            cap = self._capture(hidden, kwargs, past_len, signature)
+            if cap is None:
                 return False
-        static_hidden, static_kwargs = self.inputs
+        static_hidden, static_kwargs = cap.inputs
         static_hidden.copy_(hidden)
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor) and name != "attention_mask":
@@ -187,21 +220,23 @@ class Slot:
             elif isinstance(value, tuple):
                 for static, given in zip(static_kwargs[name], value):
                     static.copy_(given)
-        self.kv.index.fill_(past_len)
+        torch.add(cap.offsets, past_len, out=cap.index)
         mask = kwargs.get("attention_mask")
-        for piece, cut in zip(self.pieces, self.cuts):
+        for piece, cut in zip(cap.pieces, cap.cuts):
             piece.replay()
-            cut.run(past_len + 1, mask)
-        self.pieces[-1].replay()
+            cut.run(past_len + cap.tokens, mask)
+        cap.pieces[-1].replay()
+        self.last = cap
         return True
 
     def cut(self, module, query, key, value, kwargs) -> tuple[torch.Tensor, None]:
         """While capturing: end the open piece at this attention, and open the next."""
+        cap = self._capturing
         self._open.capture_end()
-        self.pieces.append(self._open)
+        cap.pieces.append(self._open)
         # [B, S, heads, head_dim], as transformers' attention functions return it
         out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
-        self.cuts.append(_Cut(module, query, key, value, kwargs, out))
+        cap.cuts.append(_Cut(module, query, key, value, kwargs, out))
         self._open = torch.cuda.CUDAGraph()
         self._open.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_MODE)
         return out, None
@@ -214,38 +249,40 @@ class Slot:
             outs.append(hidden)
         return outs
 
-    def _capture(self, hidden: torch.Tensor, kwargs: dict, past_len: int, signature) -> None:
-        self.pieces, self.cuts, self.signature = [], [], signature
+    def _capture(self, hidden: torch.Tensor, kwargs: dict, past_len: int, signature) -> _Capture | None:
+        cap = _Capture(hidden.shape[1], self.device)
         static_kwargs = {name: value.clone() if isinstance(value, torch.Tensor) else
                          tuple(v.clone() for v in value) if isinstance(value, tuple) else value
                          for name, value in kwargs.items() if name != "attention_mask"}
         static_kwargs["attention_mask"] = None  # the mask is only read by the cuts, given at each replay
-        self.inputs = (hidden.clone(), static_kwargs)
+        cap.inputs = (hidden.clone(), static_kwargs)
         # Warm up on a side stream first (cuBLAS workspaces, lazy allocations), as CUDA graphs require.
         # It computes this very step, eagerly, so its cache writes are the real ones.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.run(lambda kv: self._layers(hidden, kwargs), past_len)
-            self.kv.captured = True
-            self._open = torch.cuda.CUDAGraph()
+            self.kv.captured, self.kv.index = True, cap.index
+            self._open, self._capturing = torch.cuda.CUDAGraph(), cap
             _capturing.append(self)
             try:
                 self._open.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_MODE)
-                self.outs = self._layers(*self.inputs)
+                cap.outs = self._layers(*cap.inputs)
                 self._open.capture_end()
-                self.pieces.append(self._open)
+                cap.pieces.append(self._open)
+                self.captures[signature] = cap
             except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured runs eagerly
                 log.warning("decode steps run eagerly: capturing one failed (%s)", exc)
                 try:
                     self._open.capture_end()
                 except RuntimeError:
                     pass
-                self.pieces, self.cuts, self.capture = [], [], False
+                self.captures, self.capture, cap = {}, False, None
             finally:
                 _capturing.pop()
-                self._open = None
+                self._open = self._capturing = None
         torch.cuda.current_stream(self.device).wait_stream(side)
+        return cap
 
 
 def _signature(hidden: torch.Tensor, kwargs: dict):

@@ -94,16 +94,18 @@ class StageRunner:
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], *, past_len: int, use_cache: bool,
-                lane: int = 0, collect: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+                lane: int = 0, collect: bool = False, rewind: bool = False,
+                record: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run every owned layer on ``hidden`` [B, S, H] with ``lane``'s cache; returns [B, S, H].
 
-        With ``collect``, returns ``(hidden, [each owned layer's output, [B, S, H]...])``.
+        With ``collect``, returns ``(hidden, [each owned layer's output, [B, S, H]...])``. ``rewind``
+        and ``record``: see ``lane_cache``.
         """
-        cache = self.lane_cache(lane, hidden, past_len) if use_cache else None
+        cache = self.lane_cache(lane, hidden, past_len, rewind=rewind, record=record) if use_cache else None
         if isinstance(cache, graphs.Slot):
             shared = next(iter(layer_kwargs.values()))
             out = None
-            if hidden.shape[1] == 1 and not collect and all(kw is shared for kw in layer_kwargs.values()):
+            if graphs.replayable(hidden, past_len) and not collect and all(kw is shared for kw in layer_kwargs.values()):
                 out = cache.step(hidden, shared, past_len)
             self.count(hidden, cache, replayed=out is not None)
             hidden, states = (out, []) if out is not None else cache.run(
@@ -115,21 +117,49 @@ class StageRunner:
             self.advance(lane, hidden.shape[1])
         return (hidden, states) if collect else hidden
 
-    def lane_cache(self, lane: int, hidden: torch.Tensor, past_len: int) -> "DynamicCache | graphs.Slot":
+    def lane_cache(self, lane: int, hidden: torch.Tensor, past_len: int, *, rewind: bool = False,
+                   record: bool = False) -> "DynamicCache | graphs.Slot":
         """The KV cache ``lane`` runs ``hidden`` [B, S, H] in from position ``past_len``: a new one
-        at 0, checked to hold exactly ``past_len`` tokens, moved out of a slot it would outgrow."""
+        at 0, checked to hold exactly ``past_len`` tokens, moved out of a slot it would outgrow.
+
+        Args:
+            rewind: Rank 0 cropped this lane's cache (transformers' assisted generation drops the
+                rejected part of a proposal, MPS generation its one step ahead): a lane holding more
+                than ``past_len`` tokens moves back to it. Without it, any mismatch raises.
+            record: Rank 0's cache records its past (``activate_past_recording``: sliding-window
+                layers keep what a crop may need again); this lane's does the same from now on.
+                It is cut back to the window only by a rewind's crop, never on its own: rank 0 may
+                crop further back than its last step (the attention and masks are the same either
+                way: a recording layer hands each step only the window's states).
+        """
         if past_len == 0:
             self.free(lane)
             self.caches[lane] = (self._new_cache(hidden.shape[0], hidden.shape[1]), 0)
         cache, seen = self.caches.get(lane, (None, -1))
+        if cache is not None and rewind and seen > past_len:
+            self._crop(cache, seen - past_len)
+            self._steps["rewinds"] += 1
+            seen = past_len
+            self.caches[lane] = (cache, seen)
         if cache is None or seen != past_len:
             raise StageError(
                 f"KV cache of lane {lane} out of step: this stage holds {max(seen, 0)} tokens, rank 0 expects {past_len}. "
-                "Beam search, assisted decoding, cache cropping and copied caches are not supported"
+                "Beam search and copied caches are not supported"
             )
+        if isinstance(cache, DynamicCache):
+            _set_recording(cache, record)
         if isinstance(cache, graphs.Slot) and past_len + hidden.shape[1] > self._slot_len:
             cache = self._spill(lane, cache, past_len)
         return cache
+
+    def _crop(self, cache, tokens: int) -> None:
+        """Drop a lane's last ``tokens`` positions in this stage's layers (the cache's others never had
+        an entry, and transformers' crop of an empty sliding-window layer fails); a slot's positions
+        are overwritten by its next step."""
+        if isinstance(cache, DynamicCache):
+            for idx in self.layers:
+                if idx < len(cache.layers):
+                    cache.layers[idx].crop(-tokens)
 
     def advance(self, lane: int, tokens: int) -> None:
         """``lane``'s cache took ``tokens`` more positions."""
@@ -137,22 +167,29 @@ class StageRunner:
         self.caches[lane] = (cache, seen + tokens)
 
     def count(self, hidden: torch.Tensor, cache, *, replayed: bool) -> None:
-        """Count a decode step (one position) by how it ran (see ``figures``)."""
+        """Count a decode step (one position) or a verification step (a few, after a replayed or
+        slotted past) by how it ran (see ``figures``)."""
+        how = "graph" if replayed else "slot" if isinstance(cache, graphs.Slot) else "eager"
         if hidden.shape[1] == 1:
-            self._steps["graph_steps" if replayed else "slot_steps" if isinstance(cache, graphs.Slot) else "eager_steps"] += 1
+            self._steps[f"{how}_steps"] += 1
+        elif replayed or how == "slot" and hidden.shape[1] <= graphs.MAX_STEP_TOKENS:
+            self._steps[f"{how}_verify_steps"] += 1
 
     def figures(self) -> dict:
         """How this stage's decode steps ran: ``graphs`` (on, eager slots, or off), slots made, and
         decode steps replayed from captured pieces, run eagerly in a slot, or run eagerly in a
-        dynamic cache; ``kv_lanes``, the sequences whose KV cache it holds now; and on a last stage
+        dynamic cache; speculative verification steps replayed or run eagerly in a slot; ``rewinds``,
+        the times a lane moved back to rank 0's cropped length; ``kv_lanes``, the sequences whose KV cache it holds now; and on a last stage
         with a split LM head, its ``head_rows`` and ``head_steps`` (see ``model.head``)."""
         head = self.tail.figures() if self.tail is not None else {}
         if self.slots is None:
-            return {"graphs": "off", "kv_lanes": len(self.caches), **head}
+            return {"graphs": "off", "kv_lanes": len(self.caches), "rewinds": self._steps["rewinds"], **head}
         made = sum(len(free) for free in self.slots.values()) + sum(isinstance(c, graphs.Slot) for c, _ in self.caches.values())
         return {"graphs": "on" if self._slot_args["capture"] else "eager", "kv_lanes": len(self.caches), "slots": made,
+                "rewinds": self._steps["rewinds"],
                 "graph_steps": self._steps["graph_steps"], "slot_steps": self._steps["slot_steps"],
-                "eager_steps": self._steps["eager_steps"], **head}
+                "eager_steps": self._steps["eager_steps"], "graph_verify_steps": self._steps["graph_verify_steps"],
+                "slot_verify_steps": self._steps["slot_verify_steps"], **head}
 
     def _layers(self, hidden: torch.Tensor, layer_kwargs: dict[int, dict], cache, *, collect: bool):
         states = []
@@ -196,3 +233,20 @@ class StageRunner:
         """Drop every KV cache (a closed session)."""
         for lane in list(self.caches):
             self.free(lane)
+
+
+def records_past(cache) -> bool:
+    """Whether a cache records its past for crops (transformers' assisted generation switches it on:
+    sliding-window layers then keep more than their window until the next crop)."""
+    return any(getattr(layer, "record_past", False) for layer in getattr(cache, "layers", ()))
+
+
+def _set_recording(cache: DynamicCache, record: bool) -> None:
+    """Record the past in a lane's sliding-window layers exactly while rank 0's cache does (transformers
+    switches it on before an assisted call's prefill, and off where it hands a cache back)."""
+    for layer in getattr(cache, "layers", ()):
+        if hasattr(layer, "record_past") and layer.record_past != record:
+            if record:
+                layer.activate_past_recording()
+            else:
+                layer.record_past = False

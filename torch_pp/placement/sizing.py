@@ -43,6 +43,8 @@ class ModelSizes:
             last stage (a bias-free linear head after a final norm at ``<base>.norm``); else 0.
         head_cut: As placed: the head rows rank 0 multiplies while the last stage multiplies the
             rest (0: not split; see ``head_split`` and ``model.head``).
+        draft: The sizes of a draft model rank 0 holds whole for speculative decoding (its weights
+            and its KV cache count on rank 0; see ``draft_bytes``), or None.
     """
 
     layer_params: tuple[int, ...]
@@ -55,6 +57,7 @@ class ModelSizes:
     layer_linear_rows: tuple[int, ...] = ()
     head_rows: int = 0
     head_cut: int = 0
+    draft: "ModelSizes | None" = None
 
     @property
     def num_layers(self) -> int:
@@ -207,18 +210,38 @@ def stage_needs(sizes: ModelSizes, plan: StagePlan, *, dtype: str, context: int,
     """Bytes each stage of ``plan`` needs, with ``available`` memory per rank if known."""
     per_layer = layer_bytes(sizes, dtype=dtype, context=context, batch=batch, quantize=quantize)
     needs = []
+    draft_w, draft_kv = draft_bytes(sizes, dtype=dtype, context=context, batch=batch)
     for r, (start, end) in enumerate(plan.ranges):
         w = sum(per_layer[i][0] for i in range(start, end)) + _fixed_bytes(sizes, r, len(plan.ranges), dtype)
-        kv = sum(per_layer[i][1] for i in range(start, end))
+        kv = sum(per_layer[i][1] for i in range(start, end)) + (draft_kv if r == 0 else 0)
         needs.append(StageNeed(r, (start, end), w, kv, reserve, None if available is None else available[r]))
     return needs
+
+
+def draft_bytes(sizes: ModelSizes, *, dtype: str, context: int, batch: int) -> tuple[int, int]:
+    """(weight bytes, KV bytes) of the draft model on rank 0, at ``dtype`` and the pipeline's context
+    and batch ((0, 0) without one)."""
+    draft = sizes.draft
+    if draft is None:
+        return 0, 0
+    parts = layer_bytes(draft, dtype=dtype, context=context, batch=batch)
+    return (sum(w for w, _ in parts) + int(draft.rank0_params * BYTES_PER_PARAM[dtype]), sum(kv for _, kv in parts))
+
+
+def sizes_from_json(data: dict) -> ModelSizes:
+    """A ``ModelSizes`` from its ``dataclasses.asdict`` as JSON (rank 0 counts a draft only it can read)."""
+    data = dict(data)
+    if data.get("draft") is not None:
+        data["draft"] = sizes_from_json(data["draft"])
+    return ModelSizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _fixed_bytes(sizes: ModelSizes, rank: int, num_stages: int, dtype: str) -> int:
     """Weights a rank holds besides its layers: rank 0's embedding, final norm and head; the last
     stage's rows of a split head."""
     params = sizes.rank0_params if rank == 0 else sizes.tail_params if rank == num_stages - 1 else 0
-    return int(params * BYTES_PER_PARAM[dtype])
+    draft = draft_bytes(sizes, dtype=dtype, context=0, batch=0)[0] if rank == 0 else 0
+    return int(params * BYTES_PER_PARAM[dtype]) + draft
 
 
 def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context: int, batch: int,
@@ -226,7 +249,7 @@ def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context:
     """Contiguous layer ranges in proportion to each rank's free memory.
 
     A rank's free memory is what it reports less its fixed costs (the runtime reserve, and on
-    rank 0 the embedding, final norm and LM head). Layers (weights plus KV cache) are cut so that
+    rank 0 the embedding, final norm and LM head, and a draft model with its KV cache). Layers (weights plus KV cache) are cut so that
     each rank's share of their total follows its share of the free memory; every rank gets at
     least one layer. Whether the result fits is for ``stage_needs`` to say.
 
@@ -237,6 +260,7 @@ def memory_plan(sizes: ModelSizes, *, available: list[int], dtype: str, context:
     check_stage_count(n_ranks, n_layers)
     cost = [w + kv for w, kv in layer_bytes(sizes, dtype=dtype, context=context, batch=batch, quantize=quantize)]
     fixed = [reserve + _fixed_bytes(sizes, r, n_ranks, dtype) for r in range(n_ranks)]
+    fixed[0] += draft_bytes(sizes, dtype=dtype, context=context, batch=batch)[1]
     free = [max(a - f, 1) for a, f in zip(available, fixed)]
     total = sum(cost)
     bounds, acc, i = [0], 0, 0

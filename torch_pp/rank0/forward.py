@@ -100,9 +100,12 @@ def _chunked(run, kwargs: dict, *, name: str, size: int, keep: int):
     x, cache = kwargs[name], kwargs.get("cache", kwargs.get("past_key_values"))
     total, past = x.shape[1], cache.get_seq_length()
     mask, pos, cpos = kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs.get("cache_position")
+    # The last chunk holds at least the ``keep`` positions HF asks logits for (a speculative
+    # verification keeps every proposed token's): the stages return only the last chunk's.
+    starts = [a for a in range(0, total, size) if a <= total - keep] or [0]
+    ends = [*starts[1:], total]
     out = None
-    for a in range(0, total, size):
-        b = min(a + size, total)
+    for a, b in zip(starts, ends):
         part = dict(kwargs)
         part[name] = x[:, a:b]
         if mask is not None and mask.dim() == 2:

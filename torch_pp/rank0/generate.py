@@ -2,8 +2,9 @@
 
 Rank 0's model is the checkpoint's own transformers ``*ForCausalLM`` class, so
 ``generate()`` is transformers' own (logits processors, sampling, streamers,
-stopping criteria, generation_config). Only modes that reorder or crop the KV
-cache (beam search, assisted decoding, ...) are refused, before anything is sent.
+stopping criteria, generation_config), assisted generation included (prompt lookup or a
+draft model: see ``rank0.speculation``). Modes that reorder the KV cache (beam search, ...) are
+refused, before anything is sent.
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ try:  # the enum moved between transformers releases
 except ImportError:  # pragma: no cover
     from transformers.generation import GenerationMode
 
-SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION)
 
 
-def check_generation_mode(model, kwargs: dict) -> None:
-    """Raise UnsupportedGenerationError for modes other than greedy search and sampling."""
+def check_generation_mode(model, kwargs: dict) -> GenerationMode:
+    """The call's generation mode; UnsupportedGenerationError for modes other than greedy search,
+    sampling and assisted generation (greedy or sampled)."""
     config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
     config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
     mode = config.get_generation_mode(kwargs.get("assistant_model"))
     if mode not in SUPPORTED_MODES:
         raise UnsupportedGenerationError(
-            f"torch_pp runs greedy search and sampling only; {mode.value.replace('_', ' ')} needs to reorder or crop "
-            "the KV cache that lives on the other stages. Use num_beams=1 and no assistant model"
+            f"torch_pp runs greedy search, sampling and assisted generation; {mode.value.replace('_', ' ')} needs to "
+            "reorder the KV cache that lives on the other stages. Use num_beams=1"
         )
+    return mode
 
 
 class DecodeClock:
@@ -85,7 +88,7 @@ class _PassTurn(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: DeviceTurn, on_decode=None):
+def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: DeviceTurn, on_decode=None, draft=None):
     """The ``generate`` that replaces rank 0's ``model.generate`` (``rank0.install`` puts it in place):
     it refuses what the pipeline cannot run, clearly, and accepts ``lanes=``.
 
@@ -100,25 +103,31 @@ def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: Dev
         timer: Rank 0's step timer (counts the threads inside generate(), for its idle spans).
         turn: Rank 0's device turn: each call holds it while it does device work.
         on_decode: Called with each finished call's decode window, ``(start, end, steps)`` (see
-            ``DecodeClock``), on the thread that made the call.
+            ``DecodeClock``), on the thread that made the call (not for assisted calls, whose steps
+            are verifications of several tokens).
+        draft: The pipeline's draft model (``StartOptions.draft_model``), if any: a call of one
+            sequence that asks for no other speculation (``assistant_model``,
+            ``prompt_lookup_num_tokens``) is assisted by it; ``assistant_model=None`` turns it off.
     """
     original = model.generate
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
         count = kwargs.pop("lanes", None)
-        check_generation_mode(model, kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        if draft is not None and _may_draft(kwargs):
+            kwargs["assistant_model"] = draft
+        assisted = check_generation_mode(model, kwargs) == GenerationMode.ASSISTED_GENERATION
         config = kwargs.get("generation_config") or model.generation_config
         check_generation_args(**{k: kwargs.get(k, getattr(config, k, None))
                                  for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                                            "max_new_tokens", "min_new_tokens")})
-        if args:
-            kwargs["input_ids"], args = args[0], args[1:]
         # After each token, other callers waiting for the device go first (see ``DeviceTurn``).
-        clock = DecodeClock() if on_decode is not None else None
+        clock = DecodeClock() if on_decode is not None and not assisted else None
         kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or ()), _PassTurn(turn, clock)])
         with turn.held():
-            out = _generate(original, args, kwargs, count)
+            out = _generate(original, args, kwargs, 1 if assisted else count)  # assisted: one sequence
         if ring is not None:  # not after a failure: its own error must be what the caller sees
             ring.release_freed()
         window = clock.window() if clock is not None else None
@@ -151,3 +160,14 @@ def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: Dev
             return split_generate(in_lane, lanes=count, pad_with=pad, **kwargs)
 
     return generate
+
+
+def _may_draft(kwargs: dict) -> bool:
+    """Whether a call may be assisted by the pipeline's draft: one sequence, and no other speculation
+    asked for (an explicit ``assistant_model=None`` keeps it plain)."""
+    if "assistant_model" in kwargs:
+        if kwargs["assistant_model"] is None:
+            del kwargs["assistant_model"]  # transformers' own default
+        return False
+    ids = kwargs.get("input_ids")
+    return not kwargs.get("prompt_lookup_num_tokens") and (ids is None or ids.shape[0] == 1)

@@ -13,7 +13,9 @@ makes it run the pipeline, touching the model in exactly these places:
    hook (``rank0.forward``): one ``Step`` per forward, passed down to the layers, and pipelined
    prefill;
 5. ``model.generate`` becomes the generate hook (``rank0.generate``): refusals, lanes, the
-   device turn passed on after each token.
+   device turn passed on after each token, the pipeline's draft model;
+6. ``model._get_candidate_generator`` (transformers' factory of assisted generation's proposers)
+   wraps each proposer it makes to count its proposals (``rank0.speculation``).
 
 Modules, parameter names and HF hooks stay as they are: only forwards are replaced.
 """
@@ -37,6 +39,7 @@ from .lanes import CacheLanes
 from .local import LocalLayers
 from .placeholders import RemoteLayer, RemoteSpan
 from .ring import Ring
+from .speculation import Cutoff, Speculation, counted_candidates
 from .turn import DeviceTurn
 
 
@@ -51,6 +54,7 @@ class Rank0:
         span: The placeholders' span for the remote layers (None with one stage).
         local: Rank 0's own layers over slots (None without slots).
         head: Rank 0's half of a split LM head (None when whole).
+        speculation: What assisted generate() calls proposed and accepted.
     """
 
     turn: DeviceTurn
@@ -59,16 +63,19 @@ class Rank0:
     span: RemoteSpan | None = None
     local: LocalLayers | None = None
     head: SplitHead | None = None
+    speculation: Speculation | None = None
 
     def figures(self) -> dict:
-        """How rank 0's own decode steps ran (``graphs`` alone where off) and its split head's figures."""
+        """How rank 0's own decode steps ran (``graphs`` alone where off), its split head's figures and
+        the speculation counts (``rank0.speculation``)."""
         own = self.local.figures() if self.local is not None else {"graphs": "off"}
-        return {**own, **(self.head.figures() if self.head is not None else {})}
+        return {**own, **(self.head.figures() if self.head is not None else {}),
+                **(self.speculation.figures() if self.speculation is not None else {})}
 
 
 def install(model: nn.Module, *, transport, device: torch.device, num_stages: int, remote: dict[int, nn.Module],
             head_cut: int = 0, local: LocalLayers | None = None, prefill_chunk: int | None = None,
-            on_decode: Callable | None = None) -> Rank0:
+            on_decode: Callable | None = None, draft: nn.Module | None = None, cutoff: Cutoff | None = None) -> Rank0:
     """Make rank 0's ``model`` run the pipeline (see the module's docstring for what it replaces).
 
     Args:
@@ -82,6 +89,8 @@ def install(model: nn.Module, *, transport, device: torch.device, num_stages: in
         local: Rank 0's own layers over slots, if any.
         prefill_chunk: The initial ``model.prefill_chunk`` (see ``rank0.forward``).
         on_decode: Called with each finished generate() call's decode window.
+        draft: The pipeline's draft model on rank 0, assisting one-sequence calls by default.
+        cutoff: When an assisted call stops proposing (``rank0.speculation.Cutoff``; None: never).
 
     Returns:
         The parts rank 0 runs beside the model.
@@ -112,5 +121,9 @@ def install(model: nn.Module, *, transport, device: torch.device, num_stages: in
         model.forward = forward_hook(model, span=rank0.span, timer=rank0.timer if rank0.ring else None, turn=rank0.turn,
                                      stages=num_stages, local_layers=len(layers) - len(remote), device=device,
                                      head=rank0.head)
-    model.generate = generate_hook(model, ring=rank0.ring, timer=rank0.timer, turn=rank0.turn, on_decode=on_decode)
+    rank0.speculation = Speculation()
+    if hasattr(model, "_get_candidate_generator"):
+        model._get_candidate_generator = counted_candidates(model, rank0.speculation, cutoff)
+    model.generate = generate_hook(model, ring=rank0.ring, timer=rank0.timer, turn=rank0.turn, on_decode=on_decode,
+                                   draft=draft)
     return rank0

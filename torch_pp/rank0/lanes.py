@@ -32,6 +32,7 @@ class CacheLanes:
     def __init__(self) -> None:
         self._lanes: dict[int, tuple[weakref.ref, int]] = {}  # id(cache) -> (weak ref, lane)
         self._orphans: list[int] = []  # lanes whose id() a new cache took before they were handed back
+        self._sent: dict[int, int] = {}  # lane -> tokens rank 0 has had the stages cache for it
         self._ids = itertools.count(1)  # lane 0: forwards without a cache
         self._lock = threading.Lock()
 
@@ -46,11 +47,22 @@ class CacheLanes:
             self._lanes[id(cache)] = (weakref.ref(cache), lane)
         return lane
 
+    def moved_back(self, lane: int, past_len: int, tokens: int) -> bool:
+        """Note that ``lane``'s stages will hold ``past_len + tokens`` tokens after this step; returns
+        whether ``past_len`` is below what they held after the last one (rank 0's cache was cropped).
+
+        One thread at a time runs a given lane (its cache object is one call's)."""
+        held = self._sent.get(lane, 0)
+        self._sent[lane] = past_len + tokens
+        return past_len < held
+
     def take_freed(self) -> list[int]:
         """The lanes whose cache is gone since the last call."""
         with self._lock:
             dead = [key for key, (ref, _) in self._lanes.items() if ref() is None]
             freed, self._orphans = [*self._orphans, *(self._lanes.pop(key)[1] for key in dead)], []
+            for lane in freed:
+                self._sent.pop(lane, None)
         return freed
 
 

@@ -8,7 +8,7 @@ Each local layer's ``forward`` is wrapped in place by ``rank0.install`` (the mod
 parameter names and hooks stay as they are). The first local layer of a forward finds the lane
 of the KV cache object HF passes (each cache object its own lane, as for the remote layers) and
 that lane's ``graphs.Slot`` in a ``StageRunner`` of rank 0's layers, and keeps them in the
-forward's ``Step``; a decode step is then replayed from the slot's captured pieces at the first
+forward's ``Step``; a decode step (or a speculative verification step) is then replayed from the slot's captured pieces at the first
 layer, and every local layer returns a copy of its own output from that replay (so hooks that
 record hidden states see each layer's real output). Other forwards (prefills, steps that cannot
 be captured) run each layer eagerly on the slot's keys and values. HF's own cache keeps a
@@ -88,7 +88,8 @@ class LocalLayers:
             stand_in(cache, idx, hidden)
         lane = self._lanes.lane_of(cache)
         try:
-            kv = self.runner.lane_cache(lane, hidden, past_len)
+            # Rank 0's own cache is the one HF crops (assisted generation): shorter than its slot means cropped.
+            kv = self.runner.lane_cache(lane, hidden, past_len, rewind=True)
         except StageError as exc:  # refused before anything is sent: say where
             raise StageError(f"rank 0's own layers {self.indices.start}:{self.indices.stop}: {exc}") from None
         if not isinstance(kv, graphs.Slot):
@@ -96,7 +97,7 @@ class LocalLayers:
         else:
             shared = {k: v for k, v in kwargs.items()
                       if k not in CACHE_KWARGS and (self.accepts is None or k in self.accepts)}
-            replayed = hidden.shape[1] == 1 and kv.replay(hidden, shared, past_len)
+            replayed = graphs.replayable(hidden, past_len) and kv.replay(hidden, shared, past_len)
             kv.kv.captured, kv.kv.length = False, past_len  # eager layers write from past_len on
             own = OwnLayers(lane=lane, kv=kv, cache=kv.kv, shared=shared, replayed=replayed)
         self.runner.count(hidden, kv, replayed=own.replayed)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import StageError
-from ..model.stage import CACHE_KWARGS
+from ..model.stage import CACHE_KWARGS, records_past
 from .lanes import CacheLanes
 from .step import Step, take_step
 
@@ -51,12 +51,16 @@ def cache_of(kwargs: dict):
 def sentinel_layers(cache: DynamicCache, elsewhere: range) -> set[int]:
     """Layers among ``elsewhere`` (whose keys and values rank 0's cache does not hold) whose cache
     lengths HF reads: the span's first layer (our own bookkeeping) and the first full-attention
-    and first sliding-window layer (mask sizing)."""
+    and first sliding-window layer (mask sizing); and while the cache records its past (assisted
+    generation, which crops it), every sliding-window layer: transformers' crop of such a layer
+    fails on one that never had an entry."""
     found = {elsewhere.start}
     is_sliding = list(getattr(cache, "is_sliding", []))
     for kind in (False, True):
         if kind in is_sliding and is_sliding.index(kind) in elsewhere:
             found.add(is_sliding.index(kind))
+    if records_past(cache):
+        found.update(i for i in elsewhere if i < len(is_sliding) and is_sliding[i])
     return found
 
 
@@ -109,6 +113,9 @@ class RemoteSpan:
             step.past_len = cache.get_seq_length(layer_idx) if use_cache else 0
             step.lane = self.lane_of(cache) if use_cache else 0
             step.sentinels = sentinel_layers(cache, self.layer_indices) if use_cache else set()
+            if use_cache:
+                step.rewind = self._lanes.moved_back(step.lane, step.past_len, hidden.shape[1])
+                step.record = records_past(cache)
         if use_cache:
             if not isinstance(cache, DynamicCache):
                 raise StageError(

@@ -108,7 +108,8 @@ class Ring:
         Args:
             hidden: [B, S, H] output of rank 0's layers.
             step: The forward's step: the remote layers' arguments (``pending``), the lane, its
-                length (``past_len``) and whether to cache; ``reply`` False for a pipelined
+                length (``past_len``), whether rank 0 cropped it (``rewind``) or records its past
+                (``record``), and whether to cache; ``reply`` False for a pipelined
                 prefill's non-final chunk (send and return at once, ``hidden`` coming back as a
                 stand-in, so rank 0 can start the next chunk); ``keep``, the last positions to
                 return ([B, keep, H]; 0: all); ``collect``, also return every remote layer's
@@ -124,6 +125,10 @@ class Ring:
         start = time.perf_counter()
         meta, tensors = activations.encode(hidden, step.pending, past_len=step.past_len, use_cache=step.use_cache)
         meta.update(reply=step.reply, keep=step.keep, lane=step.lane, collect=step.collect)
+        if step.rewind:  # rank 0 cropped this lane's cache: the stages move it back to ``past_len`` too
+            meta["rewind"] = True
+        if step.record:
+            meta["record"] = True
         tensors = self.outbox.stage(tensors)  # device work, while this thread still has the turn
         if not step.reply:
             with self.turn.given_up():

@@ -53,6 +53,10 @@ class Step:
     Filled as the layers run:
         pending: Global layer index -> the arguments each remote layer was given, for the ring.
         past_len: Tokens already in this lane's caches on the stages.
+        rewind: Rank 0's cache of this lane holds fewer tokens than were sent for it: HF cropped it
+            (a rejected speculative proposal), and the stages crop theirs to ``past_len`` too.
+        record: Rank 0's cache records its past for crops (sliding-window layers keep more than
+            their window until the next crop); the stages' caches do the same.
         lane: Which KV cache the stages use (0: no cache).
         use_cache: Whether the stages keep this step in their caches.
         sentinels: Remote layers whose cache lengths HF reads (``placeholders.sentinel_layers``).
@@ -67,6 +71,8 @@ class Step:
     collect: bool = False
     pending: dict[int, dict] = field(default_factory=dict)
     past_len: int = 0
+    rewind: bool = False
+    record: bool = False
     lane: int = 0
     use_cache: bool = False
     sentinels: set[int] = field(default_factory=set)

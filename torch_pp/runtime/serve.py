@@ -104,7 +104,8 @@ class Stage:
         """This stage's layers on the message: ``(output, None)``, or ``(None, error)`` naming this stage."""
         try:
             hidden, layer_kwargs, past_len, use_cache = activations.decode(msg.meta, self.inbox.place(msg))
-            out = self.runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane, collect=collect)
+            out = self.runner.forward(hidden, layer_kwargs, past_len=past_len, use_cache=use_cache, lane=lane, collect=collect,
+                                      rewind=msg.meta.get("rewind", False), record=msg.meta.get("record", False))
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, the stage stays up
             log.debug("rank %d failed:\n%s", self.rank, traceback.format_exc())
             self.runner.free(lane)  # a half-updated cache must not be used again
