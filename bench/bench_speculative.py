@@ -8,7 +8,8 @@ Two kinds of prompt: input-grounded ones (edit, summarise or rename in a given t
 ``bench/texts/``), whose answers copy long spans of the prompt, and open chat prompts, whose
 answers do not. Every mode runs every prompt in every round, the modes' order rotating from
 round to round, after one untimed warm-up round; greedy, so every mode must give the very same
-tokens (checked: a mode that differs fails the run). Reported per kind of prompt: decode tokens
+tokens (checked: in float32 a mode that differs fails the run; in 16 bits, where a verification
+step's kernels round differently from a one-token step's, as in transformers alone, it is listed). Reported per kind of prompt: decode tokens
 per second (the generated tokens after the first over the time after the first), the ratio to
 plain decoding of the same pipeline in the same run (medians over rounds of the kind's total
 tokens over total time), and the proposals accepted.
@@ -132,6 +133,7 @@ def main() -> None:
         totals = {(kind, name): [] for kind in kinds for name in names}  # per round: (tokens, seconds)
         accepted = {name: [0, 0] for name in names}
         reference: dict[tuple[str, int], list[int]] = {}
+        differed: list[str] = []
         for rnd in range(args.rounds + 1):  # round 0 warms every prompt and mode, untimed
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             sums = {key: [0, 0.0] for key in totals}
@@ -142,8 +144,10 @@ def main() -> None:
                         r = run_once(pipe.model, ids, new=args.new, mode=modes[name])
                         after = pipe.stats()[0]["speculation"]
                         want = reference.setdefault((kind, i), r["tokens"])
-                        if r["tokens"] != want:
-                            raise SystemExit(f"{name} gave other tokens than plain decoding on {kind} prompt {i}")
+                        if r["tokens"] != want:  # fp32: never; bf16 verifies k+1 tokens with other kernels
+                            differed.append(f"{name} {kind} {i}")
+                            if args.dtype == "float32":
+                                raise SystemExit(f"{name} gave other tokens than plain decoding on {kind} prompt {i}")
                         sums[(kind, name)][0] += r["decode_tokens"]
                         sums[(kind, name)][1] += r["decode_s"]
                         if rnd:
@@ -167,6 +171,7 @@ def main() -> None:
                            "tokens_per_round": totals[(kind, name)][0][0]}
             rows.append([kind, name, f"{entry[name]['decode_tokens_per_s']:.1f}", f"{entry[name]['ratio_to_plain']:.2f}x"])
         result["kinds"][kind] = entry
+    result["differed_from_plain"] = differed
     result["acceptance"] = {name: (a / p if p else None) for name, (a, p) in accepted.items()}
     result["accepted_proposed"] = accepted
     if costs is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import threading
 
 import torch
@@ -119,6 +120,8 @@ def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: Dev
         if draft is not None and _may_draft(kwargs):
             kwargs["assistant_model"] = draft
         assisted = check_generation_mode(model, kwargs) == GenerationMode.ASSISTED_GENERATION
+        if assisted:
+            _mark_cropped(model, kwargs)
         config = kwargs.get("generation_config") or model.generation_config
         check_generation_args(**{k: kwargs.get(k, getattr(config, k, None))
                                  for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -171,3 +174,17 @@ def _may_draft(kwargs: dict) -> bool:
         return False
     ids = kwargs.get("input_ids")
     return not kwargs.get("prompt_lookup_num_tokens") and (ids is None or ids.shape[0] == 1)
+
+
+def _mark_cropped(model, kwargs: dict) -> None:
+    """An assisted call's cache (a new one where none is given), marked: HF crops it after every
+    verification, so every layer of it gets a stand-in (see ``placeholders.sentinel_layers``)."""
+    from transformers import DynamicCache
+
+    from .placeholders import CROPPED
+
+    name = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kwargs[name] = DynamicCache(config=model.config)
+    setattr(kwargs[name], CROPPED, True)

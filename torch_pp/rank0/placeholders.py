@@ -48,6 +48,10 @@ def cache_of(kwargs: dict):
     return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
 
 
+#: Set on a rank-0 cache that transformers' assisted generation will crop (``rank0.generate``).
+CROPPED = "_torch_pp_cropped"
+
+
 def sentinel_layers(cache: DynamicCache, elsewhere: range) -> set[int]:
     """Layers among ``elsewhere`` (whose keys and values rank 0's cache does not hold) whose cache
     lengths HF reads: the span's first layer (our own bookkeeping) and the first full-attention
@@ -59,7 +63,9 @@ def sentinel_layers(cache: DynamicCache, elsewhere: range) -> set[int]:
     for kind in (False, True):
         if kind in is_sliding and is_sliding.index(kind) in elsewhere:
             found.add(is_sliding.index(kind))
-    if records_past(cache):
+    if getattr(cache, CROPPED, False):  # every layer: older transformers' crop fails on any empty layer
+        found.update(elsewhere)
+    elif records_past(cache):
         found.update(i for i in elsewhere if i < len(is_sliding) and is_sliding[i])
     return found
 

@@ -136,6 +136,10 @@ def counted_candidates(model, speculation: Speculation, cutoff: Cutoff | None = 
     original = model._get_candidate_generator
 
     def get_candidate_generator(*args, **kwargs):
-        return Proposals(original(*args, **kwargs), speculation, cutoff)
+        # Sampling keeps transformers' own draws (a pause would change how many are taken, and so
+        # the seeded tokens): only greedy calls pause.
+        config = kwargs.get("generation_config")
+        sampled = config is not None and getattr(config, "do_sample", False)
+        return Proposals(original(*args, **kwargs), speculation, None if sampled else cutoff)
 
     return get_candidate_generator
