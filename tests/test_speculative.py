@@ -65,7 +65,7 @@ def test_a_lane_moves_back_only_when_rank_0_says_so(tiny_models):
     with pytest.raises(StageError, match="lane 1 out of step: this stage holds 5 tokens, rank 0 expects 3"):
         runner.forward(hidden[:, 3:], {i: step for i in layers}, past_len=3, use_cache=True, lane=1)
     again = runner.forward(hidden[:, 3:], {i: step for i in layers}, past_len=3, use_cache=True, lane=1, rewind=True)
-    assert torch.allclose(again, first[:, 3:], atol=1e-5)  # the crop left exactly positions 0..2
+    assert torch.allclose(again, first[:, 3:], rtol=1e-4, atol=1e-4)  # the crop left exactly positions 0..2 (fp32 rounding)
     assert runner.figures()["rewinds"] == 1
     with pytest.raises(StageError, match="holds 5 tokens, rank 0 expects 7"):  # ahead of the stage: never
         runner.forward(hidden[:, :1], {i: _layer_args(model, 1, past=7) for i in layers}, past_len=7, use_cache=True,
