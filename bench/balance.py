@@ -32,7 +32,8 @@ import torch_pp  # noqa: E402
 from torch_pp import perf  # noqa: E402
 from torch_pp.options import BALANCES  # noqa: E402
 from torch_pp.placement.config import read_config  # noqa: E402
-from torch_pp.placement.sizing import measured_plan, model_sizes, predicted_times  # noqa: E402
+from torch_pp.placement.balance import measured_plan, predicted_times  # noqa: E402
+from torch_pp.placement.sizing import model_sizes  # noqa: E402
 from torch_pp.trace import now  # noqa: E402
 
 

@@ -14,8 +14,8 @@ from conftest import ROOT, torchrun
 from tiny_models import ARCHS, tiny_config
 from torch_pp.placement.plan import PlanError, parse_layers
 from torch_pp.options import parse_bytes
-from torch_pp.placement.sizing import (ModelSizes, choose_plan, compute_plan, head_split, measured_plan, memory_plan, model_sizes,
-                                      stage_needs)
+from torch_pp.placement.balance import choose_plan, compute_plan, measured_plan
+from torch_pp.placement.sizing import ModelSizes, head_split, memory_plan, model_sizes, stage_needs
 
 GiB = 2**30
 

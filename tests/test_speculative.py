@@ -180,7 +180,8 @@ def test_a_draft_model_is_placed_on_rank_0_and_assists_by_default(tiny_models, t
 
 def test_plan_counts_the_draft_on_rank_0(tiny_models, tmp_path):
     from torch_pp.placement.config import read_config
-    from torch_pp.placement.sizing import choose_plan, draft_bytes, model_sizes, stage_needs
+    from torch_pp.placement.balance import choose_plan
+    from torch_pp.placement.sizing import draft_bytes, layer_bytes, model_sizes, stage_needs
     import dataclasses
 
     sizes = model_sizes(read_config(tiny_models["llama"]))
@@ -191,8 +192,9 @@ def test_plan_counts_the_draft_on_rank_0(tiny_models, tmp_path):
     a = stage_needs(sizes, plan, dtype="float32", context=64, batch=1)
     b = stage_needs(with_draft, plan, dtype="float32", context=64, batch=1)
     assert b[0].total_bytes - a[0].total_bytes == weights + kv and b[1].total_bytes == a[1].total_bytes
-    memory = [3 * 2**30 + 500_000, 3 * 2**30 + 500_000]  # the memory balance gives rank 0 fewer layers with a draft
-    heavy = dataclasses.replace(sizes, draft=dataclasses.replace(with_draft.draft, rank0_params=60_000))
-    even = choose_plan(sizes, num_stages=2, available=memory, dtype="float32", context=64, batch=1)
-    moved = choose_plan(heavy, num_stages=2, available=memory, dtype="float32", context=64, batch=1)
+    layers = sum(w + kv for w, kv in layer_bytes(sizes, dtype="float32", context=64, batch=1))
+    memory = [layers + 4 * sizes.rank0_params] * 2  # the memory balance gives rank 0 fewer layers with a draft
+    heavy = dataclasses.replace(sizes, draft=dataclasses.replace(with_draft.draft, rank0_params=layers // 8))
+    even = choose_plan(sizes, num_stages=2, available=memory, dtype="float32", context=64, batch=1, reserve=0)
+    moved = choose_plan(heavy, num_stages=2, available=memory, dtype="float32", context=64, batch=1, reserve=0)
     assert moved.ranges[0][1] < even.ranges[0][1], (even, moved)

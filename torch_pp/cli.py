@@ -109,7 +109,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .placement.config import load_config_only
-    from .placement.sizing import (BYTES_PER_PARAM, choose_plan, format_bytes, head_split, model_sizes, needs_table,
+    from .placement.balance import choose_plan
+    from .placement.sizing import (BYTES_PER_PARAM, format_bytes, head_split, model_sizes, needs_table,
                                    stage_needs)
 
     if args.dtype not in BYTES_PER_PARAM:

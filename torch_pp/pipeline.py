@@ -40,7 +40,8 @@ from .rank0.speculation import Cutoff
 from .runtime.agreement import agree, agree_on
 from .runtime.serve import serve
 from .trace import now
-from .placement.sizing import (DEFAULT_RESERVE, choose_plan, head_split, measured_plan, model_sizes, needs_table,
+from .placement.balance import choose_plan, measured_plan
+from .placement.sizing import (DEFAULT_RESERVE, head_split, model_sizes, needs_table,
                                sizes_from_json, stage_needs)
 from .net.machine import keep_awake, same_machine
 from .net.transport import Transport
@@ -140,7 +141,7 @@ class Pipeline:
         what occupies each stage is best measured on the machines themselves: rank 0 also embeds,
         runs the LM head and generate()'s bookkeeping, and machines differ in speed. Run a few
         decode steps of the batch size you mean to serve, in one lane, then restart with
-        ``layers=plan.spec()`` (see ``placement.sizing.measured_plan``). Rank 0 only.
+        ``layers=plan.spec()`` (see ``placement.balance.measured_plan``). Rank 0 only.
 
         Args:
             spans_since: Start of the window (a ``torch_pp.trace.now()`` time): best after the

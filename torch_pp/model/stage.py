@@ -235,12 +235,6 @@ class StageRunner:
             self.free(lane)
 
 
-def records_past(cache) -> bool:
-    """Whether a cache records its past for crops (transformers' assisted generation switches it on:
-    sliding-window layers then keep more than their window until the next crop)."""
-    return any(getattr(layer, "record_past", False) for layer in getattr(cache, "layers", ()))
-
-
 def _set_recording(cache: DynamicCache, record: bool) -> None:
     """Record the past in a lane's sliding-window layers exactly while rank 0's cache does (transformers
     switches it on before an assisted call's prefill, and off where it hands a cache back)."""

@@ -6,7 +6,7 @@ generate()'s bookkeeping, and on an accelerator that host work, not the paramete
 step's time (``bench/RESULTS.md``, "placement"). A plan decides what each rank loads, so a run's
 measurement serves the next start: rank 0 times its decode windows as it runs (the pipeline's
 ``decode_windows``), and when the pipeline closes it keeps the plan that evens them out
-(``keep_measured``, through ``sizing.measured_plan``) in a small JSON file, keyed by everything
+(``keep_measured``, through ``balance.measured_plan``) in a small JSON file, keyed by everything
 that sets those times: the model, each rank's machine and device, dtype, quantization, split head
 and graphs.
 
@@ -32,7 +32,8 @@ from typing import Callable
 from ..options import Settings
 from ..perf import window_figures
 from .plan import PlanError, StagePlan, parse_layers
-from .sizing import ModelSizes, measured_plan, predicted_times
+from .balance import measured_plan, predicted_times
+from .sizing import ModelSizes
 
 log = logging.getLogger("torch_pp")
 

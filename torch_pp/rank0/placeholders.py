@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import StageError
-from ..model.stage import CACHE_KWARGS, records_past
+from ..model.stage import CACHE_KWARGS
 from .lanes import CacheLanes
 from .step import Step, take_step
 
@@ -46,6 +46,12 @@ def named_arguments(layer_idx: int, positional: tuple[str, ...], args: tuple, kw
 def cache_of(kwargs: dict):
     """The KV cache object a layer was given, under whichever keyword this transformers uses."""
     return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+
+
+def records_past(cache) -> bool:
+    """Whether a cache records its past for crops (transformers switches it on for assisted generation
+    and for MPS's deferred stop check: sliding-window layers then keep more than their window)."""
+    return any(getattr(layer, "record_past", False) for layer in getattr(cache, "layers", ()))
 
 
 #: Set on a rank-0 cache that transformers' assisted generation will crop (``rank0.generate``).
