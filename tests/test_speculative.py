@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import torch_pp
@@ -93,7 +94,10 @@ def test_a_cropped_returned_cache_continues_like_transformers(tiny_models):
         return cache
 
     with torch_pp.local_pipeline(tiny_models["mistral"], stages=2, progress=False, dtype="float32") as pipe:
-        a = ref.generate(ids, past_key_values=recording(), **kw)
+        try:
+            a = ref.generate(ids, past_key_values=recording(), **kw)
+        except RuntimeError as exc:  # transformers 5.17: its own sliding-window mask ignores the recorded past
+            pytest.skip(f"transformers {transformers.__version__} cannot run this call itself: {exc}")
         b = pipe.model.generate(ids, past_key_values=recording(), **kw)
         for out in (a, b):
             out.past_key_values.crop(-3)
