@@ -1,17 +1,22 @@
 """gpu_report.py's worker: one contender, loaded once, answering the orchestrator's turns.
 
     python _gpu_worker.py hf DIR          # transformers on one GPU (cuda:0)
+    python _gpu_worker.py hf-static DIR   # the same with a StaticCache passed to generate() (it compiles the decode forward)
     python _gpu_worker.py balanced DIR    # transformers + accelerate, device_map="balanced" over every GPU
-    torchrun --nproc-per-node 2 _gpu_worker.py pipeline DIR   # torch_pp, one stage per GPU
+    torchrun --nproc-per-node 2 _gpu_worker.py pipeline DIR   # torch_pp, one stage per GPU (both on one GPU if it is alone)
+    torchrun --nproc-per-node 1 _gpu_worker.py pipeline DIR   # torch_pp, one process
     torchrun --nproc-per-node 2 _gpu_worker.py pipeline-eager DIR   # the same with graphs=False
 
 Each turn is a JSON spec (see ``measure``); before its first turn the worker runs every spec
 once, so that every sequence length has been seen (cuDNN builds an attention plan per new KV
-length) and no timed run pays for compilation or allocation.
+length) and no timed run pays for compilation or allocation. ``hf-static`` runs every spec twice
+before timing (the first call compiles, the second records CUDA graphs) and reports each spec's
+first-call time over a warm one as its compile time.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import statistics
@@ -29,6 +34,23 @@ DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a smoke test of the repo
 START = json.loads(os.environ.get("BENCH_START") or "{}")  # more start() options for torch_pp
 DTYPE = os.environ.get("BENCH_DTYPE", "bfloat16")  # float32 for a CPU's figures (bf16 is slow there)
 VOCAB_LOW = 1000
+STATIC_STEP = 256  # hf-static's cache length: each spec's tokens rounded up to this (one compile per size)
+_static_caches: dict = {}
+
+
+def static_cache(model, batch: int, tokens: int):
+    """A StaticCache for ``batch`` rows of ``tokens`` (rounded up), made once and reset per call: the
+    compiled forward sees the same cache, so it compiles once per size and batch."""
+    from transformers import StaticCache
+
+    size = -(-tokens // STATIC_STEP) * STATIC_STEP
+    cache = _static_caches.get((batch, size))
+    if cache is None:
+        cache = _static_caches[(batch, size)] = StaticCache(config=model.config, max_cache_len=size)
+    else:
+        with torch.inference_mode():  # its tensors were made in the timed runs' inference mode
+            cache.reset()
+    return cache
 
 
 def prompt(length: int, batch: int = 1) -> torch.Tensor:
@@ -65,6 +87,9 @@ def measure_once(model, device, spec: dict) -> dict:
         model.prefill_chunk = spec.get("chunk")  # None: the default rule
     ids = prompt(spec.get("len", 32), spec.get("batch", 1)).to(device)
     new = spec.get("new", 1)
+    if KIND == "hf-static":  # the keyword became ``cache`` in transformers 5.24
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kw[name] = static_cache(model, ids.shape[0], ids.shape[1] + new)
     timer = TokenTimer()
     sync()
     start = time.perf_counter()
@@ -104,17 +129,23 @@ def main() -> None:
         placement = {"device_map": "balanced"} if KIND == "balanced" else {}
         model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=getattr(torch, DTYPE), **placement).eval()
         device = torch.device("cuda:0" if DEVICE == "cuda" else DEVICE)
-        if KIND == "hf":
+        if KIND in ("hf", "hf-static"):
             model = model.to(device)
         pipe = None
-    for spec in SPECS:  # warm every length and mode once
-        measure(model, device, spec)
+    compile_s = {}
+    for spec in SPECS:  # warm every length and mode once (hf-static: twice, compiling, then recording graphs)
+        if KIND == "hf-static":
+            first = measure_once(model, device, spec)["wall_s"]
+            measure_once(model, device, spec)
+            compile_s[json.dumps(spec, sort_keys=True)] = first - measure_once(model, device, spec)["wall_s"]
+        else:
+            measure(model, device, spec)
     def run(spec: dict) -> dict:
         return measure(model, device, spec)
 
     def finish() -> dict:
         if pipe is None:
-            return {"peak_memory_bytes": memory()}
+            return {"peak_memory_bytes": memory(), **({"compile_s": compile_s} if compile_s else {})}
         stages = pipe.stats()
         figures = {"stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes",
                                                  "graphs", "graph_steps", "slot_steps", "eager_steps", "head_rows", "head_steps")

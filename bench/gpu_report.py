@@ -1,19 +1,27 @@
-"""The GPU performance report: torch_pp on 2 GPUs against transformers on one GPU and accelerate
-over both, in one run, with the write-up's four figures.
+"""The GPU performance report: torch_pp against transformers' eager and compiled decoding, against
+accelerate where there are two GPUs, and against the machine's bandwidth limit, in one run.
 
     python bench/gpu_report.py [--shape 8b|32b | --model DIR] [--rounds 3] [--json out.json]
 
 It writes a random-weight model of a real shape (Llama-3.1-8B's by default, Qwen2.5-32B's with
 ``--shape 32b``) unless given a folder (any folder works: no tokenizer or chat template needed),
-then loads three contenders once each and alternates their timed runs, round after round,
+then loads the contenders once each and alternates their timed runs, round after round,
 reporting medians:
 
-* ``hf``: transformers ``generate()`` on one GPU;
-* ``accelerate``: the same model split over both GPUs in one process (``device_map="balanced"``),
-  what a user with one multi-GPU box would pick instead;
-* ``torch_pp``: two stages under torchrun, one per GPU;
-* ``torch_pp_eager`` (ask for it in ``--contenders``): the same with ``graphs=False``, the stages'
-  decode steps run eagerly (see ``torch_pp.model.graphs``).
+* ``hf``: transformers ``generate()`` on one GPU, eager;
+* ``hf_static``: the same with a ``StaticCache`` passed to ``generate()``, which makes it compile the
+  decoding forward (transformers' documented fast path); one cache per size, so it compiles once
+  per size, in the warm-up (each size's compile time is reported apart);
+* ``accelerate`` (two GPUs or more): the model split over the GPUs in one process
+  (``device_map="balanced"``), what a user with one multi-GPU box would pick instead;
+* ``torch_pp_1``: torch_pp in one process;
+* ``torch_pp``: two stages under torchrun, one per GPU, or both on the one GPU there is;
+* ``torch_pp_eager`` (ask for it in ``--contenders``): two stages with ``graphs=False``, the
+  stages' decode steps run eagerly (see ``torch_pp.model.graphs``).
+
+The limit: the weights' bytes over the read bandwidth measured on this GPU (the best of a
+reduction and a copy of 4 GiB): the decode rate of a step that does nothing but read every weight
+once. Every decode figure is also reported as a share of it.
 
 Each contender first runs every measurement once (every KV length warmed: cuDNN plans an
 attention kernel per new length). Figures: decode tokens/s (one stream), time to first token
@@ -113,7 +121,50 @@ def specs(args) -> dict[str, dict]:
 ONLY_PIPELINE = ("_unchunked", "_chunked", "_chunk1024", "_lanes1", "_lanes2")
 
 
-def summarize(args, model, names, plan, runs, finals) -> dict:
+def read_bandwidth(device: str, *, gib: int = 4, reps: int = 10) -> float | None:
+    """Bytes per second this GPU reads: the best of a reduction (reads only) and a copy (reads and
+    writes as much), medians of ``reps`` timed by CUDA events. None off CUDA."""
+    import torch
+
+    if device != "cuda":
+        return None
+    x = torch.ones(gib * 2**30 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rates = {"reduce": [], "copy": []}
+    for i in range(reps + 2):  # two untimed: the kernels' first launches
+        for kind, moved in (("reduce", x.nbytes), ("copy", 2 * x.nbytes)):
+            start.record()
+            if kind == "reduce":
+                x.amax()
+            else:
+                y.copy_(x)
+            end.record()
+            end.synchronize()
+            if i >= 2:
+                rates[kind].append(moved / (start.elapsed_time(end) / 1000))
+    del x, y
+    torch.cuda.empty_cache()
+    return max(statistics.median(v) for v in rates.values())
+
+
+def weight_bytes(model: Path) -> int:
+    """The checkpoint's tensor bytes (what a decode step reads, less the embedding rows it skips)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * {"BF16": 2, "F16": 2, "F32": 4}.get(sl.get_dtype(), 2)
+    return total
+
+
+def summarize(args, model, names, plan, runs, finals, limit=None) -> dict:
     """Medians, memory (once ``finals`` holds each worker's last figures), equal tokens and decode ratios."""
 
     def med(name, key, field):
@@ -134,6 +185,8 @@ def summarize(args, model, names, plan, runs, finals) -> dict:
             fig["decode_ttft_s"] = med(name, "decode", "ttft_s")
         if name in finals:
             result["memory"][name] = finals[name].get("peak_memory_bytes") or [s["peak_memory_bytes"] for s in finals[name]["stages"]]
+    if "hf_static" in finals:
+        result["compile_s"] = finals["hf_static"].get("compile_s")
     if "torch_pp" in finals:
         result["torch_pp"] = {k: finals["torch_pp"][k]
                               for k in ("communication_share", "per_boundary_ms", "per_step_ms_by_stage", "stages")}
@@ -148,12 +201,18 @@ def summarize(args, model, names, plan, runs, finals) -> dict:
             best = [fig.get(f"ttft{length}{v}") for v in ("_unchunked", "_chunked", "_chunk1024")]
             if fig.get(f"ttft{length}") and all(best):
                 fig[f"ttft{length}_default_over_best"] = fig[f"ttft{length}"] / min(best)
-        for other in (n for n in names if n != "torch_pp"):
+    for ours in (n for n in names if n.startswith("torch_pp")):
+        for other in (n for n in names if not n.startswith("torch_pp")):
             # Each round's runs share the machine's moment: ratios per round, then their median.
-            ratios = [p["decode_tokens_per_s"] / h["decode_tokens_per_s"]
-                      for h, p in zip(runs[other].get("decode", []), runs["torch_pp"].get("decode", []))]
-            if ratios:
-                result["figures"]["torch_pp"]["decode_ratio_over_" + other] = statistics.median(ratios)
+            for key, field in (("decode", "decode_tokens_per_s"), ("batch8", "tokens_per_s")):
+                ratios = [p[field] / h[field] for h, p in zip(runs[other].get(key, []), runs[ours].get(key, []))]
+                if ratios:
+                    result["figures"][ours][f"{key}_ratio_over_{other}"] = statistics.median(ratios)
+    if limit:
+        result["limit"] = limit
+        for name in names:
+            if result["figures"][name].get("decode"):
+                result["figures"][name]["decode_share_of_limit"] = result["figures"][name]["decode"] / limit["decode_tokens_per_s"]
     return result
 
 
@@ -167,7 +226,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--long", type=int, default=1430)
     ap.add_argument("--xlong", type=int, default=8192)
-    ap.add_argument("--contenders", default="hf,accelerate,torch_pp")
+    ap.add_argument("--contenders", help="comma-separated (default: hf,hf_static,torch_pp_1,torch_pp, "
+                                         "and accelerate where there are two GPUs or more)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu for a CPU's figures (with --dtype float32) or a smoke test")
     ap.add_argument("--dtype", default="bfloat16", help="the contenders' dtype (the random model is written in bf16)")
     ap.add_argument("--figures", help="only these figures, comma-separated (default: all)")
@@ -180,10 +240,18 @@ def main() -> None:
     plan = specs(args)
     if args.figures:
         plan = {k: v for k, v in plan.items() if k in args.figures.split(",")}
-    names = args.contenders.split(",")
+    import torch
+
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    names = (args.contenders or "hf,hf_static" + (",accelerate" if gpus > 1 else "") + ",torch_pp_1,torch_pp").split(",")
+    bandwidth = read_bandwidth(args.device)
+    limit = None if bandwidth is None else {"read_bytes_per_s": bandwidth, "weight_bytes": weight_bytes(model),
+                                            "decode_tokens_per_s": bandwidth / weight_bytes(model)}
     shared = [s for k, s in plan.items() if not k.endswith(ONLY_PIPELINE)]
     cmds = {
         "hf": ([sys.executable, str(HERE / "_gpu_worker.py"), "hf", str(model)], shared),
+        "hf_static": ([sys.executable, str(HERE / "_gpu_worker.py"), "hf-static", str(model)], shared),
+        "torch_pp_1": (torchrun_cmd(1, HERE / "_gpu_worker.py", "pipeline", str(model)), shared),
         "accelerate": ([sys.executable, str(HERE / "_gpu_worker.py"), "balanced", str(model)], shared),
         "torch_pp": (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline", str(model)), list(plan.values())),
         "torch_pp_eager": (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline-eager", str(model)), shared),
@@ -209,9 +277,9 @@ def main() -> None:
                     continue
                 runs[name][key].append(workers[name].ask("run " + json.dumps(spec)))
         if args.json:  # each round's figures so far: a run cut short still leaves them
-            Path(args.json).write_text(json.dumps(summarize(args, model, names, plan, runs, {}), indent=1))
+            Path(args.json).write_text(json.dumps(summarize(args, model, names, plan, runs, {}, limit), indent=1))
     finals = {name: w.close() for name, w in workers.items()}
-    result = summarize(args, model, names, plan, runs, finals)
+    result = summarize(args, model, names, plan, runs, finals, limit)
     if "torch_pp" in result:
         # The bare Gloo hop on this machine, each rank working as long as a stage's decode step:
         # the floor under the per-boundary cost; the rest is torch_pp's own.
@@ -228,8 +296,16 @@ def main() -> None:
         unit = "tok/s" if key == "decode" or key.startswith("batch") else "ms"
         scale = 1 if unit == "tok/s" else 1000
         rows.append([key, unit] + [("-" if f[n].get(key) is None else f"{f[n][key] * scale:.1f}") for n in names])
+    if limit:
+        rows.append(["decode share of the limit", "", *(f"{f[n]['decode_share_of_limit']:.2f}" if f[n].get("decode_share_of_limit") else "-"
+                                                    for n in names)])
     rows.append(["peak memory per GPU/stage", "GiB"] + [" / ".join(f"{b / 2**30:.1f}" for b in result["memory"][n]) for n in names])
     print_table(rows, ["figure", "unit", *names])
+    if limit:
+        print(f"\nlimit: {limit['weight_bytes'] / 1e9:.2f} GB of weights at {limit['read_bytes_per_s'] / 1e12:.2f} TB/s measured: "
+              f"{limit['decode_tokens_per_s']:.1f} tok/s")
+    if result.get("compile_s"):
+        print("hf_static compile time per figure (s): " + ", ".join(f"{v:.1f}" for v in result["compile_s"].values()))
     if "torch_pp" in result:
         tp = result["torch_pp"]
         print(f"\ntorch_pp, layers {','.join('%d:%d' % tuple(st['layers']) for st in tp['stages'])}; one decode stream: communication share {100 * tp['communication_share']:.1f}%, per stage boundary "

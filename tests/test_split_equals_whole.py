@@ -36,6 +36,9 @@ def test_split_equals_whole(split_run, arch, fmt):
     assert r["logits_max_diff"] <= ATOL, r
     assert r["greedy_new_tokens"] == 32
     assert r["greedy_equal"], f"{arch}{fmt}, {n} stages: greedy tokens differ from transformers"
+    assert [s["rank"] for s in r["stats"]] == list(range(n))
+    if fmt:  # a sharded checkpoint holds the same weights: its loading is what differs, checked above
+        return
     assert r["batch_logits_max_diff"] <= ATOL, r
     assert r["batch_equal"], f"{arch}{fmt}, {n} stages: left-padded batch differs from transformers"
     assert r["sample_equal"], f"{arch}{fmt}, {n} stages: seeded sampling differs from transformers"
@@ -45,7 +48,6 @@ def test_split_equals_whole(split_run, arch, fmt):
     assert r["after_stop_ok"]
     assert r["beam_error"] and "beam search" in r["beam_error"]
     assert r["after_beam_ok"]
-    assert [s["rank"] for s in r["stats"]] == list(range(n))
     spec = r["stats"][0]["speculation"]  # proposals both rejected (the stages moved back) and accepted
     assert spec["proposed"] > spec["accepted"] > 0 and spec["calls"] == 8, spec
     if n > 1:
