@@ -117,7 +117,7 @@ def speculative(ref, model, g):
     draft = AutoModelForCausalLM.from_pretrained(os.environ["DRAFT"], dtype=torch.float32).to(model.device).eval()
     pattern = torch.randint(3, 250, (1, 7), generator=g)
     long_ids = torch.cat([pattern] * 6, dim=1).to(model.device)  # 42 tokens: n-grams to find, past the window of 16
-    plain = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    plain = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
     lookup = dict(plain, prompt_lookup_num_tokens=5)
     want_plain = ref.generate(long_ids, **plain)
     got = model.generate(long_ids, **lookup)
@@ -135,7 +135,7 @@ def speculative(ref, model, g):
     # The target's own weights as the draft: every proposal accepted, the verification's last positions kept.
     got = model.generate(long_ids, **dict(plain, assistant_model=ref))
     r["self_draft_equal_plain"] = torch.equal(got, want_plain)
-    sampled = dict(max_new_tokens=24, min_new_tokens=24, do_sample=True, temperature=0.7, top_k=20)
+    sampled = dict(max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=0.7, top_k=20)
     for name, extra in (("lookup", {"prompt_lookup_num_tokens": 5}), ("draft", {"assistant_model": draft})):
         set_seed(11)
         want = ref.generate(long_ids, **sampled, **extra)
