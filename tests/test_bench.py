@@ -114,17 +114,19 @@ def test_bench_quant_reports_every_mode_with_shrinking_weights(tiny_models, tmp_
     assert "decode tok/s" in run.stdout
 
 
-def test_bench_serve_compares_the_pipeline_with_one_process(torch_pp_cache, tmp_path):
+def test_bench_serve_compares_batching_with_one_lane_per_request_and_generate(torch_pp_cache, tmp_path):
     out = tmp_path / "serve.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--clients", "1,2", "--requests", "1",
-                          "--new", "4", "--rounds", "1", "--json", str(out)],
+                          "--new", "4", "--rounds", "1", "--servers", "batched,lanes", "--json", str(out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env={**os.environ, "TORCH_PP_CACHE": str(torch_pp_cache)})
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]
-    for server in ("pipeline", "one_process"):
+    for server in ("batched", "lanes"):
         for clients in (1, 2):
             f = figures[f"{server}/{clients}"]
             assert f["tokens_per_s"] > 0 and 0 < f["ttft_p50_s"] <= f["ttft_p95_s"], (server, clients, f)
-    assert figures["ratio/2"] > 0
+    assert figures["generate/2"]["tokens_per_s"] > 0
+    assert figures["ratio/2/batched_over_lanes"] > 0 and figures["ratio/2/batched_over_generate"] > 0
+    assert 0 < figures["late"]["late_ttft_s"] and figures["late"]["step_s"] > 0
     assert "TTFT p50 ms" in run.stdout

@@ -1,6 +1,8 @@
 """``torch_pp serve``: the real openai client against a real 2-stage server on 127.0.0.1 with the
-embedded SmolLM2, compared with single-process transformers; errors, concurrency, a client gone,
-a busy server, a killed stage, and a clean shutdown that ends every rank."""
+embedded SmolLM2, compared with single-process transformers; errors, concurrency (continuous
+batching: every request equal to it alone), a client gone, a busy server, 64 requests from 16
+clients with some cancelled and some bad, a killed stage, and a clean shutdown that ends every
+rank (one generate() per request there: ``--batches 0``)."""
 
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def _worker(procs, rank: int) -> psutil.Process:
 @pytest.fixture(scope="module")
 def server(smol_reference, torch_pp_cache):
     port = free_port()
-    procs = _launch(port, nodes=2, extra=["--api-key", KEY, "--max-concurrent", "4", "--max-queue", "4"], cache=torch_pp_cache)
+    procs = _launch(port, nodes=2, extra=["--api-key", KEY, "--max-concurrent", "8", "--max-queue", "8"], cache=torch_pp_cache)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
     yield client, port, procs
     _stop(procs)
@@ -176,7 +178,9 @@ def test_a_client_gone_mid_stream_is_cancelled_and_the_server_keeps_serving(serv
         lines = response.iter_lines()
         events = [next(lines) for _ in range(6)]
         assert any(e.startswith("data: {") for e in events)
-        assert _health(port)["requests"]["running"] == 1
+        health = _health(port)
+        assert health["requests"]["running"] == 1
+        assert sum(b["rows"] for b in health["batches"]) == 1, health  # its row in one of the running batches
     _wait_idle(port, within_s=3)  # one decode step here is ~0.1 s
     assert _chat(client, PROMPTS[1], max_tokens=4).choices[0].message.content
 
@@ -190,18 +194,65 @@ def test_past_the_queue_requests_get_429_never_a_hang(server):
                 pass
             return response.status_code
 
-    with concurrent.futures.ThreadPoolExecutor(10) as pool:  # 4 slots and 4 queue places
-        statuses = pool.map(one, range(10))
+    with concurrent.futures.ThreadPoolExecutor(18) as pool:  # 8 slots and 8 queue places
+        statuses = pool.map(one, range(18))
         seen = None
-        for _ in range(100):
+        for _ in range(200):
             seen = _health(port)["requests"]
-            if seen["waiting"] == 4:
+            if seen["waiting"] == 8:
                 break
             time.sleep(0.02)
         statuses = list(statuses)
-    assert seen == {"running": 4, "waiting": 4}
-    assert sorted(statuses) == [200] * 8 + [429] * 2, statuses
-    _wait_idle(port, within_s=5)
+    assert seen == {"running": 8, "waiting": 8}
+    assert sorted(statuses) == [200] * 16 + [429] * 2, statuses
+    _wait_idle(port, within_s=10)
+
+
+def test_64_requests_from_16_clients_some_cancelled_some_bad_each_good_one_as_alone(server):
+    client, port, _ = server
+    lengths = (5, 11)
+    alone = {(p, n): _chat(client, p, max_tokens=n).choices[0].message.content for p in PROMPTS[:4] for n in lengths}
+
+    def one(i: int):
+        prompt, n = PROMPTS[i % 4], lengths[(i // 4) % 2]
+        if i % 9 == 4:  # bad parameters: a 400, nothing admitted
+            try:
+                _chat(client, prompt, max_tokens=n, top_p=1.5)
+            except openai.BadRequestError:
+                return "400"
+            return "no 400"
+        if i % 7 == 3:  # a client gone mid-stream
+            stream = _chat(client, prompt, max_tokens=40, stream=True)
+            for k, _ in enumerate(stream):
+                if k == 3:
+                    break
+            stream.close()
+            return "cancelled"
+        return _chat(client, prompt, max_tokens=n).choices[0].message.content == alone[(prompt, n)]
+
+    def patient(i: int):
+        # 16 clients on 8 slots and 8 queue places: a client that just dropped a stream can come
+        # back before its request has left (at the next step), and is told 429 as any client would be.
+        for _ in range(50):
+            try:
+                return one(i)
+            except openai.RateLimitError:
+                time.sleep(0.2)
+        return "429 for 10 s"
+
+    def one_client(c: int) -> list:
+        return [patient(4 * c + k) for k in range(4)]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = [r for rs in pool.map(one_client, range(16)) for r in rs]
+    bad = [i for i in range(64) if i % 9 == 4]
+    assert [results[i] for i in bad] == ["400"] * len(bad)
+    assert results.count("cancelled") == len([i for i in range(64) if i % 7 == 3 and i % 9 != 4])
+    assert all(r is True for r in results if r not in ("400", "cancelled")), results
+    _wait_idle(port, within_s=10)
+    health = httpx.get(f"http://127.0.0.1:{port}/health", params={"stages": 1}, timeout=30).json()
+    assert all(b["rows"] == 0 and b["prefilling"] == 0 and b["queued"] == 0 for b in health["batches"]), health
+    assert health["kv_lanes"] == [0], health  # no row or lane left on the other stage
 
 
 def test_a_killed_stage_gives_503_naming_it(server):
@@ -223,14 +274,18 @@ def test_a_killed_stage_gives_503_naming_it(server):
 
 def test_sigterm_on_rank_0_ends_every_rank_cleanly(smol_reference, torch_pp_cache):
     port = free_port()
-    procs = _launch(port, nodes=1, extra=[], cache=torch_pp_cache)
+    procs = _launch(port, nodes=1, extra=["--batches", "0"], cache=torch_pp_cache)
     try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=120)
+        reply = _chat(client, PROMPTS[0], max_tokens=8)  # one generate() per request, in its own lane
+        assert reply.choices[0].message.content == _hf(smol_reference, PROMPTS[0], chat=True, max_tokens=8)
+        assert "batches" not in _health(port)
         ranks = [_worker(procs, r) for r in (0, 1)]
         os.kill(ranks[0].pid, signal.SIGTERM)
         assert procs[0].wait(timeout=30) == 0, procs[0].stderr.read()[-3000:]
         assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)
         out = procs[0].stdout.read()
-        assert f"serving {NAME} at http://127.0.0.1:{port}/v1 (2 stages" in out
+        assert f"serving {NAME} at http://127.0.0.1:{port}/v1 (2 stages" in out and "one lane per request" in out
         assert "Traceback" not in procs[0].stderr.read()
     finally:
         _stop(procs)

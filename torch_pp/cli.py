@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
-    srv.add_argument("--max-concurrent", type=int, default=8, help="requests generating at once, each in its own lane")
+    srv.add_argument("--max-concurrent", type=int, default=8, help="requests generating at once")
+    srv.add_argument("--batches", default="auto",
+                     help="running batches requests join (continuous batching): auto (1, or 2 where they measure faster "
+                          "at start-up), a number, or 0 for one generate() per request in its own lane")
     srv.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot; more get HTTP 429")
     srv.add_argument("--served-model-name", help="the model's name in the API (default: the folder's name)")
     wk = sub.add_parser("worker", help="serve one stage for a driver process (a notebook): see torch_pp.interactive")
@@ -209,6 +212,8 @@ def start_options(args: argparse.Namespace) -> StartOptions:
         if args.max_concurrent < 1 or args.max_queue < 0:
             raise OptionsError(f"--max-concurrent must be at least 1 and --max-queue at least 0, "
                                f"got {args.max_concurrent} and {args.max_queue}")
+        if args.batches != "auto" and not (args.batches.isdigit() and int(args.batches) <= 8):
+            raise OptionsError(f"--batches {args.batches} is out of range: it must be auto or a whole number in 0..8")
         if not 0 < args.port < 65536:
             raise OptionsError(f"--port {args.port} is out of range: it must be in 1..65535")
     return StartOptions(model=args.model, layers=args.layers, balance=args.balance, context=args.context,

@@ -37,6 +37,8 @@ from .perf import window_figures
 from .rank0.install import Rank0, install
 from .rank0.local import LocalLayers
 from .rank0.speculation import Cutoff
+from .rank0.batches import making
+from .rank0.many import generate_many
 from .runtime.agreement import agree, agree_on
 from .runtime.serve import serve
 from .trace import now
@@ -154,6 +156,15 @@ class Pipeline:
         occupied, layers = window_figures(self.stats(spans_since=spans_since),
                                           [(spans_since, until if until is not None else now())])
         return measured_plan(model_sizes(read_config(self.model_dir)), self.plan, occupied_s=occupied, layers_s=layers)
+
+    def generate_many(self, prompts, *, batches: int = 1, **sampling):
+        """Many prompts through continuous batching (as ``torch_pp serve`` runs requests), yielding
+        ``rank0.many.Finished`` as each finishes, its tokens equal to that prompt alone; rank 0 only.
+        Arguments: see ``rank0.many.generate_many`` (``max_new_tokens`` required)."""
+        if not self.is_driver:
+            raise RuntimeError("generate_many() is for rank 0")
+        tokenizer = self.tokenizer() if any(isinstance(p, str) for p in prompts) else None
+        return generate_many(making(self.model, self.rank0), prompts, tokenizer=tokenizer, batches=batches, **sampling)
 
     def _remember_placement(self) -> None:
         """Rank 0, at close: keep the placement this run's decode windows call for (``placement.remembered``)."""

@@ -2,20 +2,22 @@
 
 Endpoints in OpenAI's shapes: ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (each streaming as server-sent events ending ``data: [DONE]``), and
-``GET /health`` (every stage: rank, host, layers, alive or lost). Errors use OpenAI's error
+``GET /health`` (every stage: rank, host, layers, alive or lost; requests running and waiting; each
+running batch's rows; with ``?stages=1`` the KV caches every other stage holds). Errors use OpenAI's error
 JSON: 400 bad parameters (the CLI's ranges), 401 a missing or wrong key, 404 an unknown
 model, 429 every slot and queue place taken, 503 a lost stage (named).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 import uuid
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI, Query, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
@@ -53,7 +55,8 @@ def _error(status: int, message: str, kind: str, code: str | None = None, param:
 
 
 def build_app(engine: Engine, *, model_name: str, stages: list[dict], api_key: str | None = None,
-              lost_rank: Callable[[str | None], int | None] | None = None) -> FastAPI:
+              lost_rank: Callable[[str | None], int | None] | None = None,
+              stage_figures: Callable[[], list[dict]] | None = None) -> FastAPI:
     """The FastAPI application.
 
     Args:
@@ -62,6 +65,8 @@ def build_app(engine: Engine, *, model_name: str, stages: list[dict], api_key: s
         stages: Every stage's ``{"rank", "host", "layers"}``, for ``/health``.
         api_key: When set, every ``/v1`` request must carry ``Authorization: Bearer <key>``.
         lost_rank: Maps the liveness verdict to the lost stage's rank (``Monitor.lost_rank``).
+        stage_figures: Every stage's figures (``Pipeline.stats``), for ``/health?stages=1``: the KV
+            caches each holds (``kv_lanes``), asked round the ring.
     """
     app = FastAPI(title="torch_pp", docs_url=None, redoc_url=None)
     created = int(time.time())
@@ -83,13 +88,17 @@ def build_app(engine: Engine, *, model_name: str, stages: list[dict], api_key: s
                       param=where)
 
     @app.get("/health")
-    async def health():
+    async def health(of_stages: int = Query(0, alias="stages")):
         verdict = engine.lost()
         lost = lost_rank(verdict) if (verdict and lost_rank) else None
         rows = [{**s, "alive": s["rank"] != lost} for s in stages]
-        return JSONResponse({"status": "ok" if not verdict else "lost", "error": verdict, "stages": rows,
-                             "requests": {"running": engine.running, "waiting": engine.waiting}},
-                            status_code=503 if verdict else 200)
+        body = {"status": "ok" if not verdict else "lost", "error": verdict, "stages": rows,
+                "requests": {"running": engine.running, "waiting": engine.waiting}}
+        if engine.batches is not None:  # each running batch's rows, prefilling and queued requests, steps
+            body["batches"] = engine.batches.figures()
+        if of_stages and stage_figures is not None and not verdict:  # a round of the ring: off the event loop
+            body["kv_lanes"] = [s.get("kv_lanes", 0) for s in (await asyncio.to_thread(stage_figures))[1:]]
+        return JSONResponse(body, status_code=503 if verdict else 200)
 
     @app.get("/v1/models")
     async def models():

@@ -1,11 +1,16 @@
-"""Requests on the pipeline, concurrently: admission, one ``generate()`` thread per request, stop
-strings, cancellation. No HTTP here (see ``api.app``).
+"""Requests on the pipeline, concurrently: admission, continuous batching or one ``generate()`` per
+request, stop strings, cancellation. No HTTP here (see ``api.app``).
 
-Lanes per request: every request runs its own ``generate()`` call in its own thread, so it has
-its own KV cache on rank 0 and therefore its own lane on every stage (see ``rank0.lanes``). A request that arrives while others generate starts at once, up to
+By default requests share decode steps: they join and leave running batches at step boundaries
+(``rank0.batch``), each sampled with its own settings. Where a model cannot batch that way
+(sliding windows) or the server speculates (one stream's proposals multiply every step's work),
+every request runs its own ``generate()`` call in its own thread instead, with its own KV cache
+on rank 0 and therefore its own lane on every stage (see ``rank0.lanes``).
+
+Either way a request that arrives while others generate starts at once, up to
 ``max_concurrent`` of them; up to ``max_queue`` more wait for a slot; past that a request is
 refused (``Busy``), never left hanging. A cancelled request (a client gone) stops at its next
-decode step, and its lane is released when its cache is dropped.
+decode step, and its row or lane is released.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import torch
-from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
+from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from ..errors import OptionsError, TorchPPError
 from ..options import check_generation_args
+from ..rank0.batch import Job, Sampling
+from ..rank0.batches import Batches
 from ..rank0.workers import POOL
 
 
@@ -150,18 +157,23 @@ class Engine:
             ``{}`` for the pipeline's draft model), given to a request that starts while no other
             runs; a request that starts beside others decodes plainly (``assistant_model=None``):
             speculation multiplies the work of every step, which pays only where one stream has the
-            machines to itself. None: never.
+            machines to itself. None: never. Only without ``batches``.
+        batches: The running batches requests join (``rank0.batch.Batches``); None: one
+            ``generate()`` per request.
     """
 
     def __init__(self, model, tokenizer, *, max_concurrent: int, max_queue: int, lost: Callable[[], str | None],
-                 speculate: dict | None = None) -> None:
+                 speculate: dict | None = None, batches: Batches | None = None) -> None:
         if max_concurrent < 1 or max_queue < 0:
             raise OptionsError(f"max_concurrent must be at least 1 and max_queue at least 0, got {max_concurrent}, {max_queue}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.lost = lost
+        if batches is not None and speculate is not None:
+            raise OptionsError("a batching server does not speculate: give speculate or batches, not both")
         self.speculate = speculate
+        self.batches = batches
         self.speculated = 0  # requests that ran with speculation
         self._slots = threading.Semaphore(max_concurrent)
         self._lock = threading.Lock()
@@ -193,7 +205,7 @@ class Engine:
             self._active.add(generation)
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         # A kept thread, not a new one: a new thread has no cuDNN attention plans (see ``rank0.workers``).
-        done = POOL.submit(self._run, generation, streamer)
+        done = POOL.submit(self._run, generation, streamer, self._batched if self.batches is not None else self._alone)
         trimmer = StopTrimmer(generation.request.stop)
         try:
             async for piece in streamer:
@@ -213,8 +225,8 @@ class Engine:
         finally:
             generation.cancel.set()  # no-op once done; a client gone stops the request at its next step
 
-    def _run(self, generation: Generation, streamer: AsyncTextIteratorStreamer) -> None:
-        request = generation.request
+    def _run(self, generation: Generation, streamer: AsyncTextIteratorStreamer, how: Callable) -> None:
+        """Take a slot (waiting for one), run the request ``how`` says, end its stream either way."""
         acquired = False
         try:
             self._slots.acquire()
@@ -223,30 +235,16 @@ class Engine:
                 self.waiting -= 1
                 self.running += 1
                 alone = self.running == 1
-            speculation = {"assistant_model": None}  # beside others: plain decoding, the draft off
-            if alone and self.speculate is not None:
-                speculation = dict(self.speculate)
-                self.speculated += 1
             if generation.cancel.is_set():
                 streamer.end()
                 return
             self.check_alive()
-            ids = torch.tensor([request.input_ids], device=self.model.device)
-            sampling = {"do_sample": False}
-            if request.temperature > 0:
-                sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p or 1.0, "top_k": 0}
-                if request.seed is not None:
-                    torch.manual_seed(request.seed)
-            stop = {"stop_strings": list(request.stop), "tokenizer": self.tokenizer} if request.stop else {}
-            out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens, streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_Cancelled(generation.cancel)]),
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling, **stop, **speculation)
-            generation.output_ids = out[0, ids.shape[1]:].tolist()
+            how(generation, streamer, alone)
             eos = self.model.generation_config.eos_token_id
             eos = set(eos if isinstance(eos, list) else [eos])
             ended = bool(generation.output_ids) and generation.output_ids[-1] in eos
-            generation.finish_reason = "length" if len(generation.output_ids) >= request.max_tokens and not ended else "stop"
+            generation.finish_reason = ("length" if len(generation.output_ids) >= generation.request.max_tokens and not ended
+                                        else "stop")
         except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
             generation.error = Lost(self.lost()) if self.lost() else exc
             streamer.end()  # wake the coroutine, which raises the error
@@ -259,6 +257,41 @@ class Engine:
                 self._active.discard(generation)
             if acquired:
                 self._slots.release()
+
+    def _batched(self, generation: Generation, streamer: AsyncTextIteratorStreamer, alone: bool) -> None:
+        """The request as a row of a running batch (``rank0.batch``); returns once it has left."""
+        request = generation.request
+        sampling = Sampling(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
+                            temperature=request.temperature if request.temperature > 0 else None,
+                            top_p=(request.top_p or 1.0) if request.temperature > 0 else None, top_k=0, seed=request.seed)
+        stopping = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(request.stop))]) if request.stop else None
+        streamer.put(torch.tensor([request.input_ids]))  # the prompt, which the streamer skips
+        job = Job(request.input_ids, sampling, on_token=lambda t: streamer.put(torch.tensor([t])), stopping=stopping,
+                  cancel=generation.cancel, output_ids=generation.output_ids)
+        try:
+            self.batches.submit(job).result()
+        finally:
+            streamer.end()
+
+    def _alone(self, generation: Generation, streamer: AsyncTextIteratorStreamer, alone: bool) -> None:
+        """The request as its own generate() call, in its own lane (speculating where it runs alone)."""
+        request = generation.request
+        speculation = {"assistant_model": None}  # beside others: plain decoding, the draft off
+        if alone and self.speculate is not None:
+            speculation = dict(self.speculate)
+            self.speculated += 1
+        ids = torch.tensor([request.input_ids], device=self.model.device)
+        sampling = {"do_sample": False}
+        if request.temperature > 0:
+            sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p or 1.0, "top_k": 0}
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+        stop = {"stop_strings": list(request.stop), "tokenizer": self.tokenizer} if request.stop else {}
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens, streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Cancelled(generation.cancel)]),
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling, **stop, **speculation)
+        generation.output_ids = out[0, ids.shape[1]:].tolist()
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Cancel every request and wait until none runs (before the pipeline closes); True if none is left."""

@@ -122,6 +122,21 @@ class StaticKV:
         v[:, :, self.length:end] = value
         return k[:, :, :end], v[:, :, :end]  # what a dynamic cache would hold: the same attention
 
+    def layer(self, idx: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer ``idx``'s first ``length`` positions ``(keys, values)``, [B, kv_heads, length, D] views
+        (None if it holds none)."""
+        if idx not in self.keys:
+            return None
+        return self.keys[idx][:, :, :length], self.values[idx][:, :, :length]
+
+    def fill(self, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Layer ``idx``'s first positions become ``keys`` and ``values`` [B, kv_heads, L, D] (a row move)."""
+        if idx not in self.keys:
+            self.keys[idx] = keys.new_zeros(self.batch, keys.shape[1], self.max_len, keys.shape[3])
+            self.values[idx] = values.new_zeros(self.batch, values.shape[1], self.max_len, values.shape[3])
+        self.keys[idx][:, :, :keys.shape[2]] = keys
+        self.values[idx][:, :, :values.shape[2]] = values
+
     def to_dynamic(self, length: int, config) -> DynamicCache:
         """The first ``length`` positions as a ``DynamicCache`` (a lane outgrowing its slot)."""
         cache = DynamicCache(config=config)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from ..errors import StageError
-from . import graphs
+from . import graphs, rows
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -152,6 +152,41 @@ class StageRunner:
             cache = self._spill(lane, cache, past_len)
         return cache
 
+    @torch.inference_mode()
+    def move_rows(self, lane: int, parts: list[rows.Part]) -> None:
+        """Make ``lane``'s cache hold the parts' rows (each ``Part.source`` a lane), as rank 0 moved its
+        own (``model.rows``); the other source lanes are freed. With slots, the rows land in a slot of
+        the new batch size (its steps captured as any slot's), else in a dynamic cache.
+
+        Raises:
+            StageError: for a source lane this stage does not hold, or parts that do not line up.
+        """
+        held = {}
+        for part in parts:
+            if part.source not in held:
+                held[part.source] = self.caches.get(part.source, (None, -1))
+                if held[part.source][0] is None:
+                    raise StageError(f"row move into lane {lane}: this stage holds no KV cache of lane {part.source}")
+        try:
+            length = rows.moved_length(parts, [held[p.source][1] for p in parts])
+        except ValueError as exc:
+            raise StageError(f"row move into lane {lane}: {exc}") from None
+        target = self._new_cache(sum(len(p.rows) for p in parts), length)
+        for idx in self.layers:
+            kv = [_layer_kv(held[p.source][0], idx, held[p.source][1]) for p in parts]
+            if all(x is None for x in kv):
+                continue
+            if any(x is None for x in kv):
+                raise StageError(f"row move into lane {lane}: layer {idx} is held by only some of its sources")
+            keys, values = rows.joined([k for k, _ in kv], parts), rows.joined([v for _, v in kv], parts)
+            if isinstance(target, graphs.Slot):
+                target.kv.fill(idx, keys, values)
+            else:
+                target.update(keys, values, idx)
+        for source in held:
+            self.free(source)  # a source slot serves later lanes
+        self.caches[lane] = (target, length)
+
     def _crop(self, cache, tokens: int) -> None:
         """Drop a lane's last ``tokens`` positions in this stage's layers (the cache's others never had
         an entry, and transformers' crop of an empty sliding-window layer fails); a slot's positions
@@ -212,6 +247,11 @@ class StageRunner:
             return free.pop()
         size = graphs.slot_bytes(self.config, layers=len(self.layers), batch=batch, max_len=self._slot_len,
                                  dtype=self._slot_dtype)
+        if not self._room(size) and any(self.slots.values()):
+            # Free slots of other batch sizes (continuous batching makes many) give way to this one.
+            self.slots = {b: [] for b in self.slots}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if not self._room(size):
             return DynamicCache(config=self.config)
         return graphs.Slot(self.layers, batch=batch, **self._slot_args)
@@ -233,6 +273,15 @@ class StageRunner:
         """Drop every KV cache (a closed session)."""
         for lane in list(self.caches):
             self.free(lane)
+
+
+def _layer_kv(cache, idx: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Layer ``idx``'s keys and values in a lane's cache (a slot's first ``length`` positions), or None."""
+    if isinstance(cache, graphs.Slot):
+        return cache.kv.layer(idx, length)
+    if idx < len(cache.layers) and cache.layers[idx].get_seq_length() > 0:
+        return cache.layers[idx].keys, cache.layers[idx].values
+    return None
 
 
 def _set_recording(cache: DynamicCache, record: bool) -> None:

@@ -36,7 +36,7 @@ from ..errors import WireError
 from ..options import DEFAULT_FRAME_BYTES
 
 MAGIC = 0x74707070  # "tppp"
-PROTOCOL = 3
+PROTOCOL = 4
 HEADER_WORDS = 10  # 80 bytes: the payload, and so every tensor in it, stays 16-byte aligned
 HEADER_BYTES = HEADER_WORDS * 8
 _HEADER = struct.Struct(f"<{HEADER_WORDS}q")
@@ -57,6 +57,7 @@ class Op(enum.IntEnum):
     STATS = 5     # each stage appends its figures to meta["stages"]
     PING = 6      # doctor's link measurements: echo or acknowledge
     FREE = 7      # drop lanes' KV caches (meta["lanes"]); forwarded round the ring, no answer
+    ROWS = 8      # a lane's cache becomes other lanes' rows (meta["lane"], meta["parts"]: see model.rows); no answer
 
 
 @dataclass

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from .. import archs
+from ..errors import StageError
+from ..model import rows
 from ..model.stage import layer_arguments
 from ..perf import StepTimer
 from .forward import forward_hook
@@ -64,6 +66,28 @@ class Rank0:
     local: LocalLayers | None = None
     head: SplitHead | None = None
     speculation: Speculation | None = None
+
+    def move_rows(self, target, parts: list[rows.Part]) -> int:
+        """Make rank-0 KV cache ``target`` hold ``parts``' rows (``Part.source`` rank-0 cache objects,
+        ``target`` possibly among them), and every stage's lane of it the same (``model.rows``);
+        returns the positions it holds. The caller holds the device turn; the sources other than
+        ``target`` are not to be used again.
+
+        Raises:
+            StageError: for parts that do not line up, or a sliding-window layer.
+        """
+        try:
+            length = rows.moved_length(parts, [p.source.get_seq_length() for p in parts])
+        except ValueError as exc:
+            raise StageError(f"rank 0: {exc}") from None
+        if self.ring is not None:  # the stages first: a lost stage fails before rank 0 changes anything
+            lane = self.span.lane_of(target)
+            self.ring.move_rows(lane, [rows.Part(self.span.lane_of(p.source), p.rows, p.shift) for p in parts])
+            self.span.resized(lane, length)
+        if self.local is not None:
+            self.local.move_rows(target, parts)
+        rows.move_rows(target, parts)  # rank 0's own layers, or the stand-ins of the others'
+        return length
 
     def figures(self) -> dict:
         """How rank 0's own decode steps ran (``graphs`` alone where off), its split head's figures and

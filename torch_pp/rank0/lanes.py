@@ -56,6 +56,10 @@ class CacheLanes:
         self._sent[lane] = past_len + tokens
         return past_len < held
 
+    def resized(self, lane: int, length: int) -> None:
+        """``lane``'s caches were made to hold ``length`` tokens (a row move): not a crop to follow."""
+        self._sent[lane] = length
+
     def take_freed(self) -> list[int]:
         """The lanes whose cache is gone since the last call."""
         with self._lock:

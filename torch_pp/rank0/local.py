@@ -22,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import StageError
-from ..model import graphs
+from ..model import graphs, rows
 from ..model.stage import CACHE_KWARGS, StageRunner
 from .lanes import CacheLanes
 from .placeholders import cache_of, named_arguments, positional_names, sentinel_layers, stand_in
@@ -53,6 +53,12 @@ class LocalLayers:
     def figures(self) -> dict:
         """How rank 0's own decode steps ran (see ``StageRunner.figures``)."""
         return self.runner.figures()
+
+    def move_rows(self, target: DynamicCache, parts: list[rows.Part]) -> None:
+        """Move rows between the lanes of rank 0's cache objects (``Part.source`` a cache object), as the
+        stages do (``StageRunner.move_rows``)."""
+        self.runner.move_rows(self._lanes.lane_of(target),
+                              [rows.Part(self._lanes.lane_of(p.source), p.rows, p.shift) for p in parts])
 
     def forward(self, idx: int, hidden: torch.Tensor, *args, **kwargs):
         """Layer ``idx``'s forward in place of its own (``rank0.install`` wraps it)."""

@@ -110,6 +110,7 @@ class RemoteSpan:
         self.head = head
         self._lanes = lanes or CacheLanes()
         self.take_freed = self._lanes.take_freed
+        self.resized = self._lanes.resized
 
     def lane_of(self, cache) -> int:
         """The lane of a rank-0 KV cache object (a new one on first sight)."""

@@ -151,8 +151,15 @@ class Ring:
     def release_freed(self) -> None:
         """Tell the stages now to drop the lanes whose caches are gone (sends normally carry this along)."""
         if not self.lost:
-            with self._flight(), self._send_lock:
+            with self.turn.given_up(), self._flight(), self._send_lock:
                 self._send_free()
+
+    def move_rows(self, lane: int, parts: list) -> None:
+        """Tell the stages that ``lane``'s cache now holds ``parts``' rows (``model.rows.Part``, sources by
+        lane), as rank 0's did: ordered before the lane's next step, which reports a stage's failure."""
+        self._check_lost()
+        with self.turn.given_up():  # a send can wait for a stage that waits for another thread here
+            self._send(Message(Op.ROWS, {"lane": lane, "parts": [p.to_wire() for p in parts]}))
 
     def _send_free(self) -> None:
         """A FREE for the lanes gone since the last send, if any (the caller holds the send lock)."""

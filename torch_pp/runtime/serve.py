@@ -4,7 +4,7 @@ The ring is 0 -> 1 -> ... -> N-1 -> 0 (rank 0's side: ``rank0.ring``). Each mess
 arrives goes to the handler for its op (``Stage.HANDLERS``): FORWARD runs this stage's layers
 and passes the hidden state on (the last stage returns it to rank 0 as RESULT, then, with a
 split LM head, its rows' logits as a second reply); STATS adds this stage's figures; ERROR and
-FREE pass on; SHUTDOWN ends the loop. Only a message that expects a reply may cause one towards
+FREE pass on; ROWS moves rows between lanes' caches (continuous batching) and passes on; SHUTDOWN ends the loop. Only a message that expects a reply may cause one towards
 rank 0: a failure on a streamed prefill chunk waits for that lane's reply-bearing message.
 """
 
@@ -21,6 +21,7 @@ from . import activations
 from ..devices import stamp
 from ..devices.copies import Inbox
 from ..errors import PipelineError
+from ..model import rows
 from ..model.stage import StageRunner
 from ..trace import Tracer, now
 from ..net.link import Link
@@ -149,13 +150,29 @@ class Stage:
         if not self.is_last:
             self.transport.send(msg, dst=self.next)
 
+    def rows(self, msg: Message) -> None:
+        """Move rows between lanes as rank 0 did (continuous batching: a request joins or leaves a batch).
+
+        A failure is kept for the lane's next step, which reports it (nothing here answers).
+        """
+        lane = msg.meta["lane"]
+        try:
+            self.runner.move_rows(lane, [rows.Part.from_wire(p) for p in msg.meta["parts"]])
+        except Exception as exc:  # noqa: BLE001 - reported with the lane's next reply
+            log.debug("rank %d failed a row move:\n%s", self.rank, traceback.format_exc())
+            self.runner.free(lane)
+            self.failed[lane] = f"{self.where} failed to move rows into lane {lane}: {exc}"
+        if not self.is_last:
+            self.transport.send(msg, dst=self.next)
+
     def shutdown(self, msg: Message) -> bool:
         """End the session: drop every cache, pass the message on, stop serving."""
         self.runner.reset()
         self.transport.send(msg, dst=self.next)
         return True
 
-    HANDLERS = {Op.FORWARD: forward, Op.STATS: stats, Op.ERROR: error, Op.FREE: free, Op.SHUTDOWN: shutdown}
+    HANDLERS = {Op.FORWARD: forward, Op.STATS: stats, Op.ERROR: error, Op.FREE: free, Op.ROWS: rows,
+                Op.SHUTDOWN: shutdown}
 
 
 def tail_logits(runner: StageRunner, hidden: torch.Tensor, request: int, *, where: str) -> Message:
