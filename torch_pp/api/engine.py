@@ -261,9 +261,11 @@ class Engine:
     def _batched(self, generation: Generation, streamer: AsyncTextIteratorStreamer, alone: bool) -> None:
         """The request as a row of a running batch (``rank0.batch``); returns once it has left."""
         request = generation.request
-        sampling = Sampling(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
-                            temperature=request.temperature if request.temperature > 0 else None,
-                            top_p=(request.top_p or 1.0) if request.temperature > 0 else None, top_k=0, seed=request.seed)
+        sampled = request.temperature > 0  # the same settings as the request's own generate() call below
+        sampling = Sampling(max_new_tokens=request.max_tokens, do_sample=sampled,
+                            temperature=request.temperature if sampled else None,
+                            top_p=(request.top_p or 1.0) if sampled else None, top_k=0 if sampled else None,
+                            seed=request.seed)
         stopping = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(request.stop))]) if request.stop else None
         streamer.put(torch.tensor([request.input_ids]))  # the prompt, which the streamer skips
         job = Job(request.input_ids, sampling, on_token=lambda t: streamer.put(torch.tensor([t])), stopping=stopping,

@@ -247,12 +247,14 @@ class StageRunner:
             return free.pop()
         size = graphs.slot_bytes(self.config, layers=len(self.layers), batch=batch, max_len=self._slot_len,
                                  dtype=self._slot_dtype)
-        if not self._room(size) and any(self.slots.values()):
+        fits = self._room(size)
+        if not fits and any(self.slots.values()):
             # Free slots of other batch sizes (continuous batching makes many) give way to this one.
             self.slots = {b: [] for b in self.slots}
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        if not self._room(size):
+            fits = self._room(size)
+        if not fits:
             return DynamicCache(config=self.config)
         return graphs.Slot(self.layers, batch=batch, **self._slot_args)
 
