@@ -226,7 +226,8 @@ class Engine:
             generation.cancel.set()  # no-op once done; a client gone stops the request at its next step
 
     def _run(self, generation: Generation, streamer: AsyncTextIteratorStreamer, how: Callable) -> None:
-        """Take a slot (waiting for one), run the request ``how`` says, end its stream either way."""
+        """Take a slot (waiting for one), run the request ``how`` says (it returns the finish reason), end
+        its stream either way."""
         acquired = False
         try:
             self._slots.acquire()
@@ -239,12 +240,7 @@ class Engine:
                 streamer.end()
                 return
             self.check_alive()
-            how(generation, streamer, alone)
-            eos = self.model.generation_config.eos_token_id
-            eos = set(eos if isinstance(eos, list) else [eos])
-            ended = bool(generation.output_ids) and generation.output_ids[-1] in eos
-            generation.finish_reason = ("length" if len(generation.output_ids) >= generation.request.max_tokens and not ended
-                                        else "stop")
+            generation.finish_reason = how(generation, streamer, alone)
         except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
             generation.error = Lost(self.lost()) if self.lost() else exc
             streamer.end()  # wake the coroutine, which raises the error
@@ -258,8 +254,9 @@ class Engine:
             if acquired:
                 self._slots.release()
 
-    def _batched(self, generation: Generation, streamer: AsyncTextIteratorStreamer, alone: bool) -> None:
-        """The request as a row of a running batch (``rank0.batch``); returns once it has left."""
+    def _batched(self, generation: Generation, streamer: AsyncTextIteratorStreamer, alone: bool) -> str:
+        """The request as a row of a running batch (``rank0.batch``); returns its finish reason once it
+        has left."""
         request = generation.request
         sampled = request.temperature > 0  # the same settings as the request's own generate() call below
         sampling = Sampling(max_new_tokens=request.max_tokens, do_sample=sampled,
@@ -271,12 +268,13 @@ class Engine:
         job = Job(request.input_ids, sampling, on_token=lambda t: streamer.put(torch.tensor([t])), stopping=stopping,
                   cancel=generation.cancel, output_ids=generation.output_ids)
         try:
-            self.batches.submit(job).result()
+            return self.batches.submit(job).result()
         finally:
             streamer.end()
 
-    def _alone(self, generation: Generation, streamer: AsyncTextIteratorStreamer, alone: bool) -> None:
-        """The request as its own generate() call, in its own lane (speculating where it runs alone)."""
+    def _alone(self, generation: Generation, streamer: AsyncTextIteratorStreamer, alone: bool) -> str:
+        """The request as its own generate() call, in its own lane (speculating where it runs alone);
+        returns its finish reason."""
         request = generation.request
         speculation = {"assistant_model": None}  # beside others: plain decoding, the draft off
         if alone and self.speculate is not None:
@@ -294,6 +292,9 @@ class Engine:
             stopping_criteria=StoppingCriteriaList([_Cancelled(generation.cancel)]),
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling, **stop, **speculation)
         generation.output_ids = out[0, ids.shape[1]:].tolist()
+        eos = self.model.generation_config.eos_token_id
+        ended = bool(generation.output_ids) and generation.output_ids[-1] in (eos if isinstance(eos, list) else [eos])
+        return "length" if len(generation.output_ids) >= request.max_tokens and not ended else "stop"
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Cancel every request and wait until none runs (before the pipeline closes); True if none is left."""
