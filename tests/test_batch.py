@@ -97,6 +97,7 @@ def test_a_join_and_leave_schedule_equals_each_request_alone_on_1_to_4_stages(ti
         assert r["finish"] == ["length"] * 8
         assert r["interleaved"] == [4, 0, 1], r  # 3 decode steps (and the first token) while the long prompt was prefilled
         assert r["figures"]["steps"] > 10 and 1.5 < r["figures"]["mean_rows"] < 6, r["figures"]
+        assert r["figures"]["prefill_s"] > 0 and r["figures"]["decode_s"] > 0, r["figures"]
         assert r["many_order"] == list(range(6)) and r["many"] and r["first_of_many"], r
         assert r["kv_lanes"] == [0] * (stages - 1), r  # no row or lane left on any stage
         if stages == 3:

@@ -1,4 +1,4 @@
-"""What only a Mac shows, tested through the pure pieces that decide it (the Mac path is the same code)."""
+"""What only a Mac, or only one kind of device, shows, tested through the pure pieces that decide it (the Mac path is the same code)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from torch_pp.devices import default_dtype, peak_memory_bytes, peak_rss_bytes
+from torch_pp.devices import choose_attention_kernels, default_dtype, peak_memory_bytes, peak_rss_bytes
 from torch_pp.rank0.turn import DeviceTurn
 from torch_pp.net.doctor import mac_checks
 from torch_pp.net.machine import same_machine
@@ -29,6 +29,20 @@ BF16 = ["float32", "float16", "bfloat16"]
 ])
 def test_default_dtype(device, checkpoint, supported, want):
     assert default_dtype(device, checkpoint, supported) == want
+
+
+def test_only_cuda_gives_up_cudnn_attention():
+    # cuDNN plans each new attention shape (55-70 ms each on an H200); MPS and CPU keep their kernels.
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        for device in ("cpu", "mps"):
+            choose_attention_kernels(torch.device(device))
+            assert torch.backends.cuda.cudnn_sdp_enabled(), device
+        choose_attention_kernels(torch.device("cuda", 0))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def test_peak_memory_is_in_bytes():

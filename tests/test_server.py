@@ -253,6 +253,7 @@ def test_64_requests_from_16_clients_some_cancelled_some_bad_each_good_one_as_al
     health = httpx.get(f"http://127.0.0.1:{port}/health", params={"stages": 1}, timeout=30).json()
     assert all(b["rows"] == 0 and b["prefilling"] == 0 and b["queued"] == 0 for b in health["batches"]), health
     assert health["kv_lanes"] == [0], health  # no row or lane left on the other stage
+    assert [s["rank"] for s in health["stage_figures"]] == [0, 1] and health["stage_figures"][1]["kv_lanes"] == 0, health
 
 
 def test_a_killed_stage_gives_503_naming_it(server):

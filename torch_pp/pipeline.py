@@ -23,7 +23,7 @@ import torch
 
 from ._version import __version__
 from .default_model import ensure_default_model
-from .devices import cap_memory, checkpoint_dtype, dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
+from .devices import cap_memory, checkpoint_dtype, choose_attention_kernels, dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
 from .model import graphs
 from . import archs
 from .model.loading import LoadedStage, load_stage, model_fingerprint
@@ -340,6 +340,7 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
                 + needs_table(needs) + "\nuse a smaller dtype or context, more machines, or `torch_pp plan` to explore"
             )
         cap_memory(dev, available[transport.rank])  # MPS: hold this rank to its share of the Mac's memory
+        choose_attention_kernels(dev)  # CUDA: no per-shape cuDNN plans
         return plan, sizes.head_cut, by
 
     model_dir, sizes, dev, dt, fingerprint, memory, draft = agree(transport, prepare, what="start the pipeline")

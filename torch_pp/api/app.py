@@ -66,7 +66,8 @@ def build_app(engine: Engine, *, model_name: str, stages: list[dict], api_key: s
         api_key: When set, every ``/v1`` request must carry ``Authorization: Bearer <key>``.
         lost_rank: Maps the liveness verdict to the lost stage's rank (``Monitor.lost_rank``).
         stage_figures: Every stage's figures (``Pipeline.stats``), for ``/health?stages=1``: the KV
-            caches each holds (``kv_lanes``), asked round the ring.
+            caches each holds (``kv_lanes``) and all of each stage's figures (``stage_figures``), asked
+            round the ring.
     """
     app = FastAPI(title="torch_pp", docs_url=None, redoc_url=None)
     created = int(time.time())
@@ -97,7 +98,9 @@ def build_app(engine: Engine, *, model_name: str, stages: list[dict], api_key: s
         if engine.batches is not None:  # each running batch's rows, prefilling and queued requests, steps
             body["batches"] = engine.batches.figures()
         if of_stages and stage_figures is not None and not verdict:  # a round of the ring: off the event loop
-            body["kv_lanes"] = [s.get("kv_lanes", 0) for s in (await asyncio.to_thread(stage_figures))[1:]]
+            figures = await asyncio.to_thread(stage_figures)
+            body["kv_lanes"] = [s.get("kv_lanes", 0) for s in figures[1:]]
+            body["stage_figures"] = figures  # how each stage's decode steps ran (captured, slotted, eager)
         return JSONResponse(body, status_code=503 if verdict else 200)
 
     @app.get("/v1/models")

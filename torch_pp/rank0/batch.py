@@ -28,6 +28,7 @@ import copy
 import inspect
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -98,10 +99,11 @@ class Job:
 
 @dataclass(eq=False)
 class _Joining:
-    """A request being prefilled in its own cache."""
+    """A request being prefilled in its own cache (made at its first piece: requests prefilled
+    together share the first one's)."""
 
     job: Job
-    cache: DynamicCache
+    cache: DynamicCache | None = None
     filled: int = 0  # prompt tokens in its cache
 
 
@@ -162,6 +164,7 @@ class Batcher:
         self._lock = threading.Condition()
         self.steps = 0  # decode steps run
         self.row_steps = 0  # rows summed over those steps
+        self.seconds = {"prefill": 0.0, "decode": 0.0}  # wall time in each, joins and leaves included
 
     # -- what the engine reads -------------------------------------------------------------
     @property
@@ -175,8 +178,11 @@ class Batcher:
         return len(self._rows)
 
     def figures(self) -> dict:
+        """Rows, prefilling and queued requests now; decode steps, mean rows per step, and the seconds
+        spent prefilling and decoding so far (where a batch's time goes)."""
         return {"rows": len(self._rows), "prefilling": len(self._joining), "queued": len(self._queue),
-                "steps": self.steps, "mean_rows": round(self.row_steps / self.steps, 2) if self.steps else 0.0}
+                "steps": self.steps, "mean_rows": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
+                **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()}}
 
     def submit(self, job: Job) -> Future:
         """Queue ``job``; it joins at the next step boundary. Returns its ``done`` future."""
@@ -194,15 +200,21 @@ class Batcher:
         batcher stays usable.
         """
         with self._lock:
-            self._joining += [_Joining(job, DynamicCache(config=self.model.config)) for job in self._queue]
+            self._joining += [_Joining(job) for job in self._queue]
             self._taken = [job for job in self._taken if not job.done.done()] + list(self._queue)
             self._queue.clear()
         try:
             with self.turn.held():
                 self._drop_cancelled()
+                began = time.perf_counter()
                 self._prefill()
                 if self._rows:
+                    between = time.perf_counter()
                     self._decode()
+                    self.seconds["decode"] += time.perf_counter() - between
+                    self.seconds["prefill"] += between - began
+                else:
+                    self.seconds["prefill"] += time.perf_counter() - began
             self.turn.pass_on()
         except BaseException as exc:  # noqa: BLE001 - every request of this batch gets it
             self._fail(exc)
@@ -219,6 +231,8 @@ class Batcher:
             return
         first = self._joining[0]
         if first.filled or len(first.job.input_ids) > self.piece:
+            if first.cache is None:
+                first.cache = DynamicCache(config=self.model.config)
             ids = first.job.input_ids
             end = min(len(ids), first.filled + self.piece)
             logits = self._forward(torch.tensor([ids[first.filled:end]], device=self.device),
@@ -244,7 +258,7 @@ class Batcher:
             mask[i, width - n:] = 1
             self._joining.remove(joining)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = group[0].cache
+        cache = DynamicCache(config=self.model.config)
         self._join(cache, [j.job for j in group], mask, self._forward(ids, mask, positions, cache))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
