@@ -9,10 +9,11 @@
 
 Each turn is a JSON spec (see ``measure``); before its first turn the worker runs every spec
 once, so that every sequence length has been seen and no timed run pays for compilation or
-allocation. Every contender runs the attention kernels torch_pp chooses (``devices.choose_attention_kernels``:
-not cuDNN's, which builds a plan for every new shape, 55-70 ms each for a batch of 8 on an H200). ``hf-static`` runs every spec twice
-before timing (the first call compiles, the second records CUDA graphs) and reports each spec's
-first-call time over a warm one as its compile time.
+allocation. Every contender runs the attention kernels torch_pp chooses
+(``devices.choose_attention_kernels``: not cuDNN's, which builds a plan for every new shape, 55-70 ms
+each for a batch of 8 on an H200). ``hf-static`` runs every spec twice before timing (the first
+call compiles, the second records CUDA graphs) and reports each spec's first-call time over a warm
+one as its compile time.
 """
 
 from __future__ import annotations

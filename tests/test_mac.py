@@ -1,4 +1,5 @@
-"""What only a Mac, or only one kind of device, shows, tested through the pure pieces that decide it (the Mac path is the same code)."""
+"""What only a Mac, or only one kind of device, shows, tested through the pure pieces that decide it
+(the Mac path is the same code)."""
 
 from __future__ import annotations
 

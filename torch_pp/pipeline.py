@@ -23,7 +23,8 @@ import torch
 
 from ._version import __version__
 from .default_model import ensure_default_model
-from .devices import cap_memory, checkpoint_dtype, choose_attention_kernels, dtype_name, memory_available, peak_memory_bytes, pick_device, pick_dtype
+from .devices import (cap_memory, checkpoint_dtype, choose_attention_kernels, dtype_name, memory_available,
+                      peak_memory_bytes, pick_device, pick_dtype)
 from .model import graphs
 from . import archs
 from .model.loading import LoadedStage, load_stage, model_fingerprint

@@ -99,8 +99,8 @@ class Job:
 
 @dataclass(eq=False)
 class _Joining:
-    """A request being prefilled in its own cache (made at its first piece: requests prefilled
-    together share the first one's)."""
+    """A request being prefilled in its own cache (a long prompt's made at its first piece; short
+    prompts prefilled together get one new cache for all of them)."""
 
     job: Job
     cache: DynamicCache | None = None
@@ -208,13 +208,11 @@ class Batcher:
                 self._drop_cancelled()
                 began = time.perf_counter()
                 self._prefill()
+                prefilled = time.perf_counter()
                 if self._rows:
-                    between = time.perf_counter()
                     self._decode()
-                    self.seconds["decode"] += time.perf_counter() - between
-                    self.seconds["prefill"] += between - began
-                else:
-                    self.seconds["prefill"] += time.perf_counter() - began
+                self.seconds["prefill"] += prefilled - began
+                self.seconds["decode"] += time.perf_counter() - prefilled
             self.turn.pass_on()
         except BaseException as exc:  # noqa: BLE001 - every request of this batch gets it
             self._fail(exc)
