@@ -17,7 +17,8 @@ second over the whole load (median over rounds), time to first token p50/p95 ove
 request; ``generate/N``: one greedy ``generate()`` of the N clients' prompts as one batch on the
 same pipeline (``_batch_worker.py``), the bound batching aims at; ``late``: at the largest client
 count, the time to first token of a request that arrives while the others decode, against the
-same request alone plus one decode step of the loaded batch.
+same request alone plus one decode step of the loaded batch. Before the timed rounds every server
+runs every client count's load once, untimed.
 """
 
 from __future__ import annotations
@@ -197,8 +198,12 @@ def main() -> None:
             stages = args.stages if stages == "pipeline" else stages
             servers[name] = start_server(args.model, stages, args, batches)
             note(f"{name} server up ({stages} stage{'s' if stages > 1 else ''}, --batches {batches})")
-        for _, url in servers.values():  # warm-up: every server once at the largest load
-            load(url, max(args.clients), 1, args.new)
+        # Warm-up, untimed: every server once at every client count, as the timed rounds will load it. On a
+        # GPU each batch size a server meets is captured once (its first steps are slower), and the
+        # rows coming and going at 8 clients pass through sizes a load of 16 never shows.
+        for _, url in servers.values():
+            for clients in sorted(set(args.clients), reverse=True):
+                load(url, clients, args.requests, args.new)
         note("warmed")
         for clients in args.clients:
             runs = {name: [] for name in servers}

@@ -130,3 +130,26 @@ def test_bench_serve_compares_batching_with_one_lane_per_request_and_generate(to
     assert figures["ratio/2/batched_over_lanes"] > 0 and figures["ratio/2/batched_over_generate"] > 0
     assert 0 < figures["late"]["late_ttft_s"] and figures["late"]["step_s"] > 0
     assert "TTFT p50 ms" in run.stdout
+
+
+def test_a_grown_checkpoint_computes_its_source(tiny_models, tmp_path):
+    """bench/inflate.py: the large shape's every matrix, the small model's logits and greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from inflate import grow
+
+    shape = ("llama", dict(hidden_size=128, intermediate_size=320, num_hidden_layers=6, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=32))
+    grown = grow(tiny_models["llama"], tmp_path / "grown", shape=shape, dtype="float32")
+    small = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    big = AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32)
+    assert big.config.num_hidden_layers == 6 and big.model.layers[0].mlp.up_proj.weight.shape == (320, 128)
+    assert sum(p.numel() for p in big.parameters()) > 3 * sum(p.numel() for p in small.parameters())
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = small(ids).logits, big(ids).logits
+        assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
+        assert torch.equal(small.generate(ids[:1], max_new_tokens=20, do_sample=False),
+                           big.generate(ids[:1], max_new_tokens=20, do_sample=False))

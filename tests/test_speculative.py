@@ -202,3 +202,45 @@ def test_plan_counts_the_draft_on_rank_0(tiny_models, tmp_path):
     even = choose_plan(sizes, num_stages=2, available=memory, dtype="float32", context=64, batch=1, reserve=0)
     moved = choose_plan(heavy, num_stages=2, available=memory, dtype="float32", context=64, batch=1, reserve=0)
     assert moved.ranges[0][1] < even.ranges[0][1], (even, moved)
+
+
+@pytest.mark.parametrize("empty_crop", ["skipped", "fails"])
+def test_the_draft_runs_over_slots_like_rank_0s_own_layers(tiny_models, tmp_path, monkeypatch, request, empty_crop):
+    """graphs=True: the draft's steps run in slots (captured on a GPU, eager here), cropped after each
+    verification as HF crops its cache, and the tokens stay transformers' own assisted ones; also where
+    transformers' crop fails on a layer that never had an entry (5.17; the draft's cache holds its
+    keys and values in slots, so its HF layers are stand-ins)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from torch_pp.rank0 import placeholders
+
+    if empty_crop == "fails":
+        crop = DynamicLayer.crop
+
+        def strict_crop(self, tokens_to_remove):
+            if tokens_to_remove and not self.is_initialized:
+                raise TypeError("'NoneType' object is not subscriptable")
+            return crop(self, tokens_to_remove)
+
+        monkeypatch.setattr(DynamicLayer, "crop", strict_crop)
+    placeholders.crop_fails_on_empty_layers.cache_clear()  # asked afresh, and again after the test
+    request.addfinalizer(placeholders.crop_fails_on_empty_layers.cache_clear)
+    assert placeholders.crop_fails_on_empty_layers() == (empty_crop == "fails")
+    ref = _reference(tiny_models["llama"])
+    draft_dir = write_tiny_model("llama", tmp_path / "draft", seed=1, layers=2)
+    ids = _repeating().to(TEST_DEVICE)
+    plain = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    ref_draft = _reference(draft_dir)
+    with torch_pp.local_pipeline(tiny_models["llama"], stages=2, progress=False, dtype="float32", graphs=True,
+                                 draft_model=str(draft_dir)) as pipe:
+        for draft in (pipe.draft, ref_draft):  # a random draft is never confident: make it draft 4 tokens anyway
+            draft.generation_config.update(assistant_confidence_threshold=0.0, num_assistant_tokens=4)
+        got = pipe.model.generate(ids, **plain)
+        again = pipe.model.generate(ids, **plain)  # a second call reuses the draft's freed slot
+        figures = pipe.stats()[0]
+    assert torch.equal(got.cpu(), ref.generate(ids, assistant_model=ref_draft, **plain).cpu())
+    assert torch.equal(again.cpu(), got.cpu())
+    draft = figures["draft"]
+    assert draft["graphs"] == "eager" and draft["slots"] >= 1, draft
+    assert draft["slot_steps"] + draft["slot_verify_steps"] > 0 and draft["rewinds"] > 0, draft
+    assert figures["speculation"]["proposed"] > 0

@@ -75,6 +75,7 @@ class Pipeline:
             (``placement.remembered``: its key and folder); None: not kept.
         decode_windows: On rank 0, the latest generate() calls' decode windows ``(start, end, steps)``.
         draft: On rank 0, the draft model of ``draft_model`` (None without one).
+        draft_layers: On rank 0, the draft's layers over slots (``rank0.local``; None: as loaded).
         placed_by: What chose the plan: ``"layers"`` (given), ``"measured"`` (kept from an earlier
             run, see ``placement.remembered``) or the balance (``"memory"``, ``"compute"``, ``"even"``).
     """
@@ -93,6 +94,7 @@ class Pipeline:
     placements: tuple[dict, Path] | None = None
     placed_by: str = "memory"
     draft: torch.nn.Module | None = None
+    draft_layers: LocalLayers | None = None
     decode_windows: collections.deque = field(default_factory=lambda: collections.deque(maxlen=remembered.WINDOWS))
     _closed: bool = False
 
@@ -119,6 +121,7 @@ class Pipeline:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             **(self.stage.runner.figures() if self.stage.runner is not None else
                self.rank0.figures() if self.rank0 is not None else {"graphs": "off"}),
+            **({"draft": self.draft_layers.figures()} if self.draft_layers is not None else {}),
         }
 
     def stats(self, *, spans_since: float | None = None) -> list[dict]:
@@ -385,19 +388,28 @@ def _load_draft(folder: str | None, *, device: torch.device, dtype: torch.dtype)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
+def _slot_options(config, o: StartOptions, *, device: torch.device, dtype: torch.dtype, required: bool) -> dict | None:
+    """``StageRunner.use_slots``'s options for layers of ``config``, or None where they run without
+    slots (``o.graphs`` False, a family that cannot, or off by default on this device). ``required``:
+    ``graphs=True`` refuses a model that cannot."""
+    if o.graphs is False:
+        return None
+    reason = graphs.unsupported(config)
+    if reason is not None and o.graphs and required:
+        raise OptionsError(f"graphs=True: {reason}; leave graphs unset or False")
+    if reason is not None or not (o.graphs or device.type == "cuda"):
+        return None
+    return dict(max_len=o.context, device=device, dtype=dtype, capture=device.type == "cuda",
+                room=lambda size: memory_available(device) - size >= DEFAULT_RESERVE)
+
+
 def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dtype):
     """Every rank: preallocated caches and captured decode steps for its own layers, where ``o.graphs``
     asks and the model allows (rank 0: ``rank0.local``; the others: their ``StageRunner``).
     Returns the stage and, on rank 0, its ``LocalLayers`` (or None)."""
-    if o.graphs is False:
+    slots = _slot_options(stage.model.config, o, device=device, dtype=dtype, required=True)
+    if slots is None:
         return stage, None
-    reason = graphs.unsupported(stage.model.config)
-    if reason is not None and o.graphs:
-        raise OptionsError(f"graphs=True: {reason}; leave graphs unset or False")
-    if reason is not None or not (o.graphs or device.type == "cuda"):
-        return stage, None
-    slots = dict(max_len=o.context, device=device, dtype=dtype, capture=device.type == "cuda",
-                 room=lambda size: memory_available(device) - size >= DEFAULT_RESERVE)
     if stage.runner is not None:
         stage.runner.use_slots(**slots)
         return stage, None
@@ -406,8 +418,26 @@ def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dty
     return stage, LocalLayers(own, stage.model.config, accepts=layer_arguments(layers[0]), slots=slots) if own else None
 
 
+def _draft_on_slots(draft, o: StartOptions, *, device: torch.device, dtype: torch.dtype) -> LocalLayers | None:
+    """Rank 0: the draft's decode steps captured too, as a one-process pipeline's are (its layers
+    over slots, ``rank0.local``). An assisted step runs the draft once per proposed token, and
+    eagerly on a GPU each of those forwards cost about as much as the big model's captured step:
+    a draft accepted 94% of the time then halved the speed (``bench/RESULTS.md``). A draft whose
+    family cannot runs as loaded (returns None)."""
+    slots = _slot_options(draft.config, o, device=device, dtype=dtype, required=False)
+    if slots is None:
+        return None
+    layers = archs.LAYOUT.layer_list(draft)
+    local = LocalLayers(dict(enumerate(layers)), draft.config, accepts=layer_arguments(layers[0]), slots=slots)
+    install(draft, transport=None, device=device, num_stages=1, remote={}, local=local, drafts=True)
+    return local
+
+
 def _drive(pipe: Pipeline, o: StartOptions, local: LocalLayers | None) -> None:
-    """Rank 0: every hook in place (``rank0.install``), with its own layers' slots if it has them."""
+    """Rank 0: every hook in place (``rank0.install``), with its own layers' slots if it has them
+    (the draft's too)."""
+    if pipe.draft is not None:
+        pipe.draft_layers = _draft_on_slots(pipe.draft, o, device=pipe.device, dtype=pipe.dtype)
     pipe.rank0 = install(pipe.model, transport=pipe.transport, device=pipe.device, num_stages=pipe.plan.num_stages,
                          remote=pipe.stage.remote, head_cut=pipe.stage.head_cut, local=local,
                          prefill_chunk=o.prefill_chunk, draft=pipe.draft, cutoff=SPECULATION_CUTOFF,

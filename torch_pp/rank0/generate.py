@@ -89,7 +89,8 @@ class _PassTurn(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: DeviceTurn, on_decode=None, draft=None):
+def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: DeviceTurn, on_decode=None, draft=None,
+                  drafts: bool = False):
     """The ``generate`` that replaces rank 0's ``model.generate`` (``rank0.install`` puts it in place):
     it refuses what the pipeline cannot run, clearly, and accepts ``lanes=``.
 
@@ -109,6 +110,8 @@ def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: Dev
         draft: The pipeline's draft model (``StartOptions.draft_model``), if any: a call of one
             sequence that asks for no other speculation (``assistant_model``,
             ``prompt_lookup_num_tokens``) is assisted by it; ``assistant_model=None`` turns it off.
+        drafts: ``model`` is itself a draft: transformers crops the cache of each of its calls, as an
+            assisted call's.
     """
     original = model.generate
 
@@ -120,7 +123,7 @@ def generate_hook(model, *, ring=None, timer: StepTimer | None = None, turn: Dev
         if draft is not None and _may_draft(kwargs):
             kwargs["assistant_model"] = draft
         assisted = check_generation_mode(model, kwargs) == GenerationMode.ASSISTED_GENERATION
-        if assisted:
+        if assisted or drafts:
             _mark_cropped(model, kwargs)
         config = kwargs.get("generation_config") or model.generation_config
         check_generation_args(**{k: kwargs.get(k, getattr(config, k, None))

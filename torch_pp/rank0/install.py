@@ -99,7 +99,8 @@ class Rank0:
 
 def install(model: nn.Module, *, transport, device: torch.device, num_stages: int, remote: dict[int, nn.Module],
             head_cut: int = 0, local: LocalLayers | None = None, prefill_chunk: int | None = None,
-            on_decode: Callable | None = None, draft: nn.Module | None = None, cutoff: Cutoff | None = None) -> Rank0:
+            on_decode: Callable | None = None, draft: nn.Module | None = None, cutoff: Cutoff | None = None,
+            drafts: bool = False) -> Rank0:
     """Make rank 0's ``model`` run the pipeline (see the module's docstring for what it replaces).
 
     Args:
@@ -115,6 +116,7 @@ def install(model: nn.Module, *, transport, device: torch.device, num_stages: in
         on_decode: Called with each finished generate() call's decode window.
         draft: The pipeline's draft model on rank 0, assisting one-sequence calls by default.
         cutoff: When an assisted call stops proposing (``rank0.speculation.Cutoff``; None: never).
+        drafts: ``model`` is the pipeline's draft, run in one process: transformers crops its caches.
 
     Returns:
         The parts rank 0 runs beside the model.
@@ -149,5 +151,5 @@ def install(model: nn.Module, *, transport, device: torch.device, num_stages: in
     if hasattr(model, "_get_candidate_generator"):
         model._get_candidate_generator = counted_candidates(model, rank0.speculation, cutoff)
     model.generate = generate_hook(model, ring=rank0.ring, timer=rank0.timer, turn=rank0.turn, on_decode=on_decode,
-                                   draft=draft)
+                                   draft=draft, drafts=drafts)
     return rank0

@@ -10,6 +10,7 @@ at construction), which runs them on the other stages and returns the final hidd
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
@@ -58,6 +59,19 @@ def records_past(cache) -> bool:
 CROPPED = "_torch_pp_cropped"
 
 
+@functools.cache
+def crop_fails_on_empty_layers() -> bool:
+    """Whether this transformers' cache crop fails on a layer that never had an entry (5.17 does,
+    5.24 skips it): only then does a cropped cache need a stand-in in every layer."""
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        DynamicLayer().crop(-1)
+    except Exception:  # noqa: BLE001 - whatever it raises, the crop fails
+        return True
+    return False
+
+
 def sentinel_layers(cache: DynamicCache, elsewhere: range) -> set[int]:
     """Layers among ``elsewhere`` (whose keys and values rank 0's cache does not hold) whose cache
     lengths HF reads: the span's first layer (our own bookkeeping) and the first full-attention
@@ -69,7 +83,7 @@ def sentinel_layers(cache: DynamicCache, elsewhere: range) -> set[int]:
     for kind in (False, True):
         if kind in is_sliding and is_sliding.index(kind) in elsewhere:
             found.add(is_sliding.index(kind))
-    if getattr(cache, CROPPED, False):  # every layer: older transformers' crop fails on any empty layer
+    if getattr(cache, CROPPED, False) and crop_fails_on_empty_layers():  # every layer: its crop would fail
         found.update(elsewhere)
     elif records_past(cache):
         found.update(i for i in elsewhere if i < len(is_sliding) and is_sliding[i])
