@@ -73,14 +73,14 @@ def step_costs(model, *, prefix: int = 256, sizes=(1, 2, 4, 8, 16), reps: int = 
     """Milliseconds of one forward of q tokens after ``prefix`` cached ones, each cropped back after."""
     from transformers import DynamicCache
 
-    from torch_pp.rank0.placeholders import CROPPED
+    from torch_pp.rank0.placeholders import mark_cropped
 
     device = model.device
     ids = torch.randint(1000, 20000, (1, prefix + max(sizes)), generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        setattr(cache, CROPPED, True)  # as an assisted call marks it: every layer of rank 0's cache crops
+        mark_cropped(cache)  # as an assisted call marks it: its crops pass over layers held elsewhere
         model(ids[:, :prefix], past_key_values=cache, use_cache=True)
         for q in sizes:
             times = []

@@ -181,13 +181,13 @@ def _may_draft(kwargs: dict) -> bool:
 
 def _mark_cropped(model, kwargs: dict) -> None:
     """An assisted call's cache (a new one where none is given), marked: HF crops it after every
-    verification, so every layer of it gets a stand-in (see ``placeholders.sentinel_layers``)."""
+    verification (see ``placeholders.mark_cropped``)."""
     from transformers import DynamicCache
 
-    from .placeholders import CROPPED
+    from .placeholders import mark_cropped
 
     name = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
     if name is None:
         name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         kwargs[name] = DynamicCache(config=model.config)
-    setattr(kwargs[name], CROPPED, True)
+    mark_cropped(kwargs[name])
