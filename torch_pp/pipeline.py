@@ -36,6 +36,7 @@ from .placement import remembered
 from .placement.plan import PlanError, StagePlan, parse_layers
 from .perf import window_figures
 from .rank0.install import Rank0, install
+from .rank0.draft import draft_on_slots, load_draft
 from .rank0.local import LocalLayers
 from .rank0.speculation import Cutoff
 from .rank0.batches import making
@@ -372,26 +373,15 @@ def _prepare_and_load(transport: Transport, o: StartOptions):
         transport,
         lambda: ((*_use_slots(load_stage(model_dir, plan=plan, rank=transport.rank, device=dev, dtype=dt,
                                          progress=show, quantize=o.quantize, head_cut=head_cut), o, device=dev, dtype=dt),
-                  _load_draft(o.draft_model, device=dev, dtype=dt) if transport.rank == 0 else None),
+                  load_draft(o.draft_model, device=dev, dtype=dt) if transport.rank == 0 else None),
                  time.perf_counter() - load_start),
         what="load the model",
     )
     return model_dir, plan, dev, dt, stage, local, draft, load_s, (key, where) if where is not None else None, placed_by
 
 
-def _load_draft(folder: str | None, *, device: torch.device, dtype: torch.dtype):
-    """Rank 0: the draft model for speculative decoding, whole, on rank 0's device (None without one)."""
-    if folder is None:
-        return None
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-
-
 def _slot_options(config, o: StartOptions, *, device: torch.device, dtype: torch.dtype, required: bool) -> dict | None:
-    """``StageRunner.use_slots``'s options for layers of ``config``, or None where they run without
-    slots (``o.graphs`` False, a family that cannot, or off by default on this device). ``required``:
-    ``graphs=True`` refuses a model that cannot."""
+    """``StageRunner.use_slots``'s options for ``config``'s layers, or None: no slots (``required``: graphs=True refuses)."""
     if o.graphs is False:
         return None
     reason = graphs.unsupported(config)
@@ -418,26 +408,12 @@ def _use_slots(stage, o: StartOptions, *, device: torch.device, dtype: torch.dty
     return stage, LocalLayers(own, stage.model.config, accepts=layer_arguments(layers[0]), slots=slots) if own else None
 
 
-def _draft_on_slots(draft, o: StartOptions, *, device: torch.device, dtype: torch.dtype) -> LocalLayers | None:
-    """Rank 0: the draft's decode steps captured too, as a one-process pipeline's are (its layers
-    over slots, ``rank0.local``). An assisted step runs the draft once per proposed token, and
-    eagerly on a GPU each of those forwards cost about as much as the big model's captured step:
-    a draft accepted 94% of the time then halved the speed (``bench/RESULTS.md``). A draft whose
-    family cannot runs as loaded (returns None)."""
-    slots = _slot_options(draft.config, o, device=device, dtype=dtype, required=False)
-    if slots is None:
-        return None
-    layers = archs.LAYOUT.layer_list(draft)
-    local = LocalLayers(dict(enumerate(layers)), draft.config, accepts=layer_arguments(layers[0]), slots=slots)
-    install(draft, transport=None, device=device, num_stages=1, remote={}, local=local, drafts=True)
-    return local
-
-
 def _drive(pipe: Pipeline, o: StartOptions, local: LocalLayers | None) -> None:
     """Rank 0: every hook in place (``rank0.install``), with its own layers' slots if it has them
     (the draft's too)."""
     if pipe.draft is not None:
-        pipe.draft_layers = _draft_on_slots(pipe.draft, o, device=pipe.device, dtype=pipe.dtype)
+        slots = _slot_options(pipe.draft.config, o, device=pipe.device, dtype=pipe.dtype, required=False)
+        pipe.draft_layers = draft_on_slots(pipe.draft, slots) if slots is not None else None
     pipe.rank0 = install(pipe.model, transport=pipe.transport, device=pipe.device, num_stages=pipe.plan.num_stages,
                          remote=pipe.stage.remote, head_cut=pipe.stage.head_cut, local=local,
                          prefill_chunk=o.prefill_chunk, draft=pipe.draft, cutoff=SPECULATION_CUTOFF,
