@@ -155,7 +155,7 @@ def main() -> None:
             return {"peak_memory_bytes": memory(), **({"compile_s": compile_s} if compile_s else {})}
         stages = pipe.stats()
         figures = {"stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes",
-                                                 "graphs", "graph_steps", "slot_steps", "eager_steps", "head_rows", "head_steps")
+                                                 "graphs", "fused", "graph_steps", "slot_steps", "eager_steps", "head_rows", "head_steps")
                                  if k in s}
                               for s in stages]}
         # The wire's share, on one stream of decode alone (lanes and prefill runs would blur it): rank 0's

@@ -18,6 +18,8 @@ reporting medians:
 * ``torch_pp``: two stages under torchrun, one per GPU, or both on the one GPU there is;
 * ``torch_pp_eager`` (ask for it in ``--contenders``): two stages with ``graphs=False``, the
   stages' decode steps run eagerly (see ``torch_pp.model.graphs``).
+* ``torch_pp_1_unfused``, ``torch_pp_unfused`` (ask for them): ``torch_pp_1`` and ``torch_pp`` with
+  ``TORCH_PP_FUSE=0``, their captured steps' norms and MLPs run unfused (see ``torch_pp.model.fusion``).
 
 The limit: the weights' bytes over the read bandwidth measured on this GPU (the best of a
 reduction and a copy of 4 GiB): the decode rate of a step that does nothing but read every weight
@@ -258,10 +260,11 @@ def main() -> None:
     }
     workers = {}
     for name in names:  # one at a time: loading three models at once would measure the disk
-        cmd, warm = cmds[name]
+        cmd, warm = cmds[name.removesuffix("_unfused")]
+        unfused = {"TORCH_PP_FUSE": "0"} if name.endswith("_unfused") else {}
         workers[name] = TurnWorker(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_SPECS": json.dumps(warm),
                                          "BENCH_DEVICE": args.device, "BENCH_START": args.start,
-                                         "BENCH_DTYPE": args.dtype})
+                                         "BENCH_DTYPE": args.dtype, **unfused})
     runs: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in plan} for n in names}
     for r in range(args.rounds):
         # The figures in a new order each round, as well as the contenders: a run can pay for the

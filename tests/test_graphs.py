@@ -50,6 +50,7 @@ def test_slots_give_transformers_tokens_and_spill_past_the_context(tiny_models, 
     assert len(stages) == 3
     for before, after in zip(batch, stages):  # rank 0's own layers as well as the other stages'
         assert before["graphs"] == ("on" if CAPTURED else "eager")
+        assert before["fused"] is CAPTURED, before  # norms and MLPs fused where captured (model.fusion)
         assert before[STEPS] == 29 and before["eager_steps"] == 0, before  # every decode step of the batch in its slot
         assert after[STEPS] - before[STEPS] == 48 - 5, after  # positions 5..47 in the slot
         assert after["eager_steps"] == 60 - 1 - (48 - 5), after  # the rest after the spill

@@ -121,7 +121,9 @@ def test_no_module_is_much_over_400_lines():
 
 def test_hf_forwards_are_replaced_only_by_rank0_install():
     """Every HF method torch_pp replaces (a model's or module's ``forward``/``generate``) is replaced
-    in ``rank0/install.py``: one place to read them all."""
+    in ``rank0/install.py``: one place to read them all. The one other place, ``model/fusion.py``,
+    replaces nothing with code of ours: it routes norms and MLPs to a compiled copy of their own
+    class's ``forward`` inside captured steps."""
     found = []
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -129,7 +131,9 @@ def test_hf_forwards_are_replaced_only_by_rank0_install():
                 for target in node.targets:
                     if isinstance(target, ast.Attribute) and target.attr in ("forward", "generate"):
                         found.append(f"{name}:{node.lineno}")
-    assert found and all(f.startswith("torch_pp.rank0.install:") for f in found), found
+    assert found and all(f.startswith("torch_pp.rank0.install:") for f in found
+                         if not f.startswith("torch_pp.model.fusion:")), found
+    assert sum(f.startswith("torch_pp.model.fusion:") for f in found) == 1, found
 
 
 def test_at_most_two_thread_locals_each_saying_why():

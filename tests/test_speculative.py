@@ -236,6 +236,8 @@ def test_the_draft_runs_over_slots_like_rank_0s_own_layers(tiny_models, tmp_path
     assert torch.equal(got.cpu(), ref.generate(ids, assistant_model=ref_draft, **plain).cpu())
     assert torch.equal(again.cpu(), got.cpu())
     draft = figures["draft"]
-    assert draft["graphs"] == "eager" and draft["slots"] >= 1, draft
-    assert draft["slot_steps"] + draft["slot_verify_steps"] > 0 and draft["rewinds"] > 0, draft
+    how = "graph" if TEST_DEVICE == "cuda" else "slot"  # replayed as CUDA graphs, or run as recorded
+    assert draft["graphs"] == ("on" if TEST_DEVICE == "cuda" else "eager") and draft["slots"] >= 1, draft
+    assert draft[f"{how}_steps"] + draft[f"{how}_verify_steps"] > 0 and draft["rewinds"] > 0, draft
+    assert draft["captures"] >= 2, draft  # a one-token step and at least one verification shape
     assert figures["speculation"]["proposed"] > 0

@@ -139,6 +139,8 @@ class Settings:
             the next start (None: ``placements`` in the cache folder; ``off``: neither kept nor used;
             see ``placement.remembered``).
         debug: ``TORCH_PP_DEBUG``: log what each rank does.
+        fuse: ``TORCH_PP_FUSE``: fuse the norms and MLPs of captured decode steps with inductor
+            (CUDA only; ``0`` runs them as transformers' eager modules: see ``model.fusion``).
 
     Raises:
         OptionsError: for a value out of range, naming the variable.
@@ -152,10 +154,12 @@ class Settings:
     cache: str | None = None
     placements: str | None = None
     debug: bool = False
+    fuse: bool = True
 
     _VARS = {"device": "TORCH_PP_DEVICE", "stale_s": "TORCH_PP_STALE_S", "join_timeout_s": "TORCH_PP_JOIN_TIMEOUT",
              "frame_bytes": "TORCH_PP_FRAME_BYTES", "sim_link": "TORCH_PP_SIM_LINK", "cache": "TORCH_PP_CACHE",
-             "placements": "TORCH_PP_PLACEMENTS", "debug": "TORCH_PP_DEBUG"}
+             "placements": "TORCH_PP_PLACEMENTS", "debug": "TORCH_PP_DEBUG",
+             "fuse": "TORCH_PP_FUSE"}
 
     def __post_init__(self) -> None:
         for name in ("stale_s", "join_timeout_s"):

@@ -389,7 +389,7 @@ def _slot_options(config, o: StartOptions, *, device: torch.device, dtype: torch
         raise OptionsError(f"graphs=True: {reason}; leave graphs unset or False")
     if reason is not None or not (o.graphs or device.type == "cuda"):
         return None
-    return dict(max_len=o.context, device=device, dtype=dtype, capture=device.type == "cuda",
+    return dict(max_len=o.context, device=device, dtype=dtype, capture=True,
                 room=lambda size: memory_available(device) - size >= DEFAULT_RESERVE)
 
 

@@ -57,7 +57,7 @@ if pipe.is_driver:
     torch.manual_seed(3)
     report["sampled"] = [sampled[0].output_ids == want,
                          sampled[1].output_ids == alone(prompts[3], 14, do_sample=True, top_k=0)]
-    torch.save([torch.stack(logits[id(j)]) for j in jobs + sampled], os.path.join(out, f"logits{pipe.plan.num_stages}.pt"))
+    torch.save([torch.stack(logits[id(j)]) for j in jobs + sampled], os.path.join(out, f"logits{pipe.plan.num_stages}{os.environ.get('TAG', '')}.pt"))
     # generate_many over two batches in flight: every prompt back, each equal to it alone.
     many = list(pipe.generate_many(prompts, max_new_tokens=8, batches=2))
     report["many_order"] = sorted(f.index for f in many)
@@ -74,6 +74,6 @@ if pipe.is_driver:
     stats = pipe.stats()
     report["kv_lanes"] = [s.get("kv_lanes", 0) for s in stats[1:]]
     report["slots"] = [s.get("slots", 0) for s in stats]  # with graphs=True: a slot per batch size the rows took
-    with open(os.path.join(out, f"batch{pipe.plan.num_stages}.json"), "w") as f:
+    with open(os.path.join(out, f"batch{pipe.plan.num_stages}{os.environ.get('TAG', '')}.json"), "w") as f:
         json.dump(report, f)
     pipe.close()

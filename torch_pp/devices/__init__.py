@@ -222,6 +222,17 @@ def choose_attention_kernels(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def fuses(device: torch.device) -> bool:
+    """Whether captured decode steps on ``device`` fuse their norms and MLPs (``model.fusion``):
+    CUDA only, where inductor has triton, unless ``TORCH_PP_FUSE=0``. CPU and MPS steps are not
+    captured as graphs, and their eager kernels cost what a fused one would there."""
+    if device.type != "cuda" or not Settings.from_env().fuse:
+        return False
+    from torch.utils._triton import has_triton  # torch's own probe; imports triton, so only on CUDA
+
+    return has_triton()
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so timings and CPU copies see finished results."""
     if device.type == "cuda":

@@ -1,26 +1,35 @@
-"""A stage's decode step as replayed CUDA graphs, over KV caches preallocated per lane.
+"""A stage's decode step as one replayed CUDA graph, over KV caches preallocated per lane.
 
 Why: a decode step of an eager stage launches a few hundred small kernels, and on an
 accelerator the host spends longer launching each than the device spends running it
-(``bench/RESULTS.md``, "captured steps"). CUDA graphs launch them in a few calls.
+(``bench/RESULTS.md``, "captured steps"). A CUDA graph launches them in one call.
 
 A graph fixes shapes and addresses, so each lane's keys and values live in a ``Slot``:
-buffers sized for the whole context, written at a position held on the device. Attention
-is the one operation whose shape grows with every token, so the step is captured in pieces
-cut at each layer's attention (vLLM's piecewise graphs): between two pieces the attention
-runs eagerly, through transformers' own sdpa function, on exactly the positions written so
-far and with the step's own mask. Every other kernel is the one the eager layer launches on
-the same shapes, and the tokens are transformers' own, bit for bit.
+buffers sized for the whole context, written at positions held on the device. Attention is
+the one operation whose shape grows with every token, so a captured step attends over a
+fixed *bucket* of positions (the next power of two, 256 at least, up to the slot's length),
+the positions not yet written masked out, as transformers' static caches do (a bucket, not
+the whole context: a long slot would otherwise cost a short stream its whole length). Each
+step shape and bucket is captured once, on first use; a stream crosses a bucket's end a few
+times over its life. The mask comes from the device-held positions and the step's own mask
+(a batch's padding), copied in before each replay. The query heads of one key/value head
+are packed along the query positions (transformers' ``pack_gqa``, there for one token only),
+so grouped heads are never repeated, whatever the bucket. Before, the step was captured in
+pieces cut at each attention, which ran eagerly between them (one graph launch and one eager
+attention per layer: ``bench/RESULTS.md``, "whole steps").
 
 A step of a few tokens after a cached past (a speculative verification step: ``MAX_STEP_TOKENS``
-at most) is captured the same way, one capture per step shape, so a stream alternating between
-one-token steps and verification steps of any length replays every one of them. A lane may
-move back (rank 0 cropped its cache after a rejected proposal): the slot's length is just set
-back, and the next step overwrites the positions beyond it.
+at most) is captured the same way, so a stream alternating between one-token steps and
+verification steps of any length replays every one of them. A lane may move back (rank 0
+cropped its cache after a rejected proposal): the slot's length is just set back, and the next
+step overwrites the positions beyond it (the mask hides them until then).
 
 Prefills run eagerly into the same buffers. Slots are reused by later lanes of the same batch
-size, and with them their captured pieces. Where the device cannot capture (CPU, MPS) a slot
-runs its steps eagerly. Pure model math: no communication.
+size, and with them their captured steps. Where the device cannot capture (CPU, MPS) a slot
+runs the very step a graph records, only by calling it (so tests check its masks and positions
+anywhere). Tokens: in float32 those of transformers' eager layers; in bfloat16 the masked kernel
+rounds like transformers' compiled static-cache decoding, not always like its eager one. Pure
+model math: no communication.
 """
 
 from __future__ import annotations
@@ -30,16 +39,25 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
+
+from . import fusion
 
 log = logging.getLogger("torch_pp")
 
 # Families whose decoder layers touch the cache only through ``update`` and attend to
 # every earlier position (no sliding window), which is what a slot provides.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-ATTENTION = "torch_pp_pieces"  # the attention a stage with slots runs (see ``install``)
-_capturing: list["Slot"] = []  # the slot whose step is being captured, if any
+ATTENTION = "torch_pp_slots"  # the attention a stage with slots runs (see ``install``)
+# The keyword a recorded step passes its ``_Capture`` under, through transformers' layers (their
+# keyword arguments reach the attention function) to ``_attention``: only that step's attention
+# goes to the bucket (rank 0 runs other lanes' prefills, in other threads, through the same layers).
+STEP_KW = "torch_pp_step"
+# The CUDA streams slots record on now (warm-up and capture): their steps' norms and MLPs run
+# fused (``model.fusion``); any other stream's calls of the same modules run eagerly.
+_fusing_streams: set[int] = set()
 # Rank 0 captures in whichever thread runs a lane or a request, while other threads of the
 # process may copy to and from the device (a caller moving its input ids, say). CUDA's default
 # (global) capture mode fails the capture on such a copy in any thread (2x H200: cuBLAS
@@ -49,6 +67,7 @@ CAPTURE_MODE = "thread_local"
 # Tokens a captured step may have: one decode token, or a verification step of a speculative
 # proposal and its bonus token (transformers drafts 20 tokens at most by default).
 MAX_STEP_TOKENS = 24
+MIN_BUCKET = 256  # positions a captured step attends over at least (the slot's length if shorter)
 
 
 def replayable(hidden: torch.Tensor, past_len: int) -> bool:
@@ -72,16 +91,16 @@ def unsupported(config) -> str | None:
 
 def install(config) -> None:
     """Make the layers built from ``config`` attend through ``_attention``: transformers' sdpa,
-    except while a step is being captured, when it cuts the step into pieces."""
+    except in a step a slot records, which attends over its bucket."""
     AttentionInterface.register(ATTENTION, _attention)
     # Rank 0 builds the masks from the same config: sdpa's, or transformers would build none.
     AttentionMaskInterface.register(ATTENTION, AttentionMaskInterface._global_mapping["sdpa"])
     config._attn_implementation = ATTENTION
 
 
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    if _capturing:
-        return _capturing[-1].cut(module, query, key, value, kwargs)
+def _attention(module, query, key, value, attention_mask, torch_pp_step=None, **kwargs):
+    if torch_pp_step is not None:  # STEP_KW
+        return torch_pp_step.attend(module, query, key, value, kwargs)
     return AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
@@ -145,34 +164,69 @@ class StaticKV:
         return cache
 
 
-class _Cut:
-    """One layer's attention between two captured pieces: run eagerly at each replay."""
-
-    def __init__(self, module, query, key, value, kwargs, out) -> None:
-        self.module, self.query, self.key, self.value, self.kwargs, self.out = module, query, key, value, kwargs, out
-
-    def run(self, length: int, mask) -> None:
-        attn = AttentionInterface._global_mapping["sdpa"]
-        out, _ = attn(self.module, self.query, self.key[:, :, :length], self.value[:, :, :length], mask, **self.kwargs)
-        self.out.copy_(out)
+def bucket(length: int, max_len: int) -> int:
+    """The positions a captured step over ``length`` cached and new positions attends over."""
+    return min(max_len, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
 
 
 class _Capture:
-    """One step shape's captured pieces, with their static inputs, outputs and write positions."""
+    """One step shape's recorded step over one bucket: its static inputs, outputs, write positions
+    and attention mask, and its CUDA graph (None where the step is run as recorded, off CUDA)."""
 
-    def __init__(self, tokens: int, device: torch.device) -> None:
-        self.tokens = tokens
-        self.pieces: list[torch.cuda.CUDAGraph] = []  # pieces[i], cuts[i], ..., pieces[-1]
-        self.cuts: list[_Cut] = []
-        self.inputs: tuple[torch.Tensor, dict] | None = None  # static hidden state and layer arguments
+    def __init__(self, hidden: torch.Tensor, kwargs: dict, span: int) -> None:
+        batch, self.tokens = hidden.shape[:2]
+        self.span, device = span, hidden.device
+        static = {name: value.clone() if isinstance(value, torch.Tensor) else
+                  tuple(v.clone() for v in value) if isinstance(value, tuple) else value
+                  for name, value in kwargs.items() if name != "attention_mask"}
+        static["attention_mask"] = None  # replaced by ``given``, read by ``attend``
+        self.inputs = (hidden.clone(), static)
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.outs: list[torch.Tensor] = []  # each layer's output, as the last replay left it
-        self.offsets = torch.arange(tokens, device=device)
-        self.index = torch.zeros(tokens, dtype=torch.long, device=device)  # where the step writes
+        self.offsets = torch.arange(self.tokens, device=device)
+        self.index = torch.zeros(self.tokens, dtype=torch.long, device=device)  # where the step writes
+        self.columns = torch.arange(span, device=device)
+        # [B, 1, S, span]: the step's own mask (a batch's padding) over the positions written so far
+        self.given = torch.ones(batch, 1, self.tokens, span, dtype=torch.bool, device=device)
+        self.bias: torch.Tensor | None = None  # the step's attention bias, made at its first attention
+
+    def load(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> None:
+        """Copy one step's inputs into the static ones."""
+        static_hidden, static_kwargs = self.inputs
+        static_hidden.copy_(hidden)
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and name != "attention_mask":
+                static_kwargs[name].copy_(value)
+            elif isinstance(value, tuple):
+                for static, given in zip(static_kwargs[name], value):
+                    static.copy_(given)
+        torch.add(self.offsets, past_len, out=self.index)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            self.given.fill_(True)  # causal only: ``attend`` masks what lies beyond each position
+        else:
+            self.given[..., :past_len + self.tokens].copy_(mask)
+
+    def attend(self, module, query, key, value, kwargs) -> tuple[torch.Tensor, None]:
+        """One layer's attention over the bucket: query [B, H, S, D]; key, value the slot's whole
+        buffers [B, kv_heads, max_len, D]; returns [B, S, H, D] as transformers' functions do."""
+        b, heads, s, d = query.shape
+        groups = heads // key.shape[1]
+        if self.bias is None:  # once per step, shared by its layers: written positions up to each query's own
+            visible = (self.columns <= self.index[:, None]) & self.given  # [B, 1, S, span]
+            bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+            self.bias = bias.repeat(1, 1, groups, 1)  # [B, 1, groups * S, span], rows as the packed queries'
+        # the query heads of one key/value head packed along the positions: [B, kv_heads, groups * S, D]
+        packed = query.reshape(b, key.shape[1], groups * s, d)
+        scale = kwargs.get("scaling", getattr(module, "scaling", None))
+        out = F.scaled_dot_product_attention(packed, key[:, :, :self.span], value[:, :, :self.span],
+                                             attn_mask=self.bias, scale=scale)
+        return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), None
 
 
 class Slot:
-    """A ``StaticKV`` and its decode and verification steps, captured in pieces on first use of
-    each step shape where ``capture``.
+    """A ``StaticKV`` and its decode and verification steps, recorded on first use of each step shape
+    and bucket where ``capture`` (as CUDA graphs on CUDA; called as recorded elsewhere).
 
     Args:
         layers: Global layer index -> decoder layer (or its forward), the stage's layers in order
@@ -181,19 +235,20 @@ class Slot:
         batch: Sequences in the lanes this slot serves.
         max_len: Positions per sequence.
         device: Where the layers run.
-        capture: Capture decode steps (CUDA only); False runs every step eagerly.
+        capture: Record decode steps; False runs every step eagerly with transformers' own attention.
         pool: The CUDA graph memory pool shared by one stage's graphs.
+        fuse: Fuse the captured steps' norms and MLPs (``model.fusion``; CUDA graphs only).
     """
 
     def __init__(self, layers: dict[int, nn.Module], *, cache_kw: str, batch: int, max_len: int,
-                 device: torch.device, capture: bool, pool=None) -> None:
+                 device: torch.device, capture: bool, pool=None, fuse: bool = False) -> None:
         self.layers, self.cache_kw, self.device = layers, cache_kw, device
         self.kv = StaticKV(batch=batch, max_len=max_len, device=device)
         self.capture, self.pool = capture, pool
-        self.captures: dict[tuple, _Capture] = {}  # step signature -> its capture
+        self.graphed = capture and device.type == "cuda"  # replays launch CUDA graphs
+        self.fuse = fuse and self.graphed and fusion.prepare(layers.values(), when=_fusing) > 0
+        self.captures: dict[tuple, _Capture] = {}  # (step signature, bucket) -> its capture
         self.last: _Capture | None = None  # the capture replayed last
-        self._open: torch.cuda.CUDAGraph | None = None
-        self._capturing: _Capture | None = None
 
     @property
     def captured(self) -> bool:
@@ -211,50 +266,31 @@ class Slot:
 
     def step(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> torch.Tensor | None:
         """One decode or verification step ([B, S, H] -> [B, S, H]) at positions from ``past_len`` on,
-        from captured pieces; None where it is not captured (the caller runs it eagerly)."""
+        as recorded; None where it cannot be (the caller runs it eagerly)."""
         return self.outs[-1].clone() if self.replay(hidden, kwargs, past_len) else None
 
     def replay(self, hidden: torch.Tensor, kwargs: dict, past_len: int) -> bool:
-        """Run one step at positions from ``past_len`` on from captured pieces, leaving each layer's
-        output in ``outs`` (overwritten by the next replay); False where it is not captured."""
+        """Run one step at positions from ``past_len`` on as recorded, leaving each layer's output in
+        ``outs`` (overwritten by the next replay); False where it cannot be."""
         if not self.capture:
             return False
-        signature = _signature(hidden, kwargs)
-        if signature is None:
-            return False
-        cap = self.captures.get(signature)
-        if cap is None:
-            cap = self._capture(hidden, kwargs, past_len, signature)
-            if cap is None:
-                return False
-        static_hidden, static_kwargs = cap.inputs
-        static_hidden.copy_(hidden)
-        for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor) and name != "attention_mask":
-                static_kwargs[name].copy_(value)
-            elif isinstance(value, tuple):
-                for static, given in zip(static_kwargs[name], value):
-                    static.copy_(given)
-        torch.add(cap.offsets, past_len, out=cap.index)
+        signature, length = _signature(hidden, kwargs), past_len + hidden.shape[1]
         mask = kwargs.get("attention_mask")
-        for piece, cut in zip(cap.pieces, cap.cuts):
-            piece.replay()
-            cut.run(past_len + cap.tokens, mask)
-        cap.pieces[-1].replay()
+        if signature is None or mask is not None and (mask.dtype != torch.bool or mask.shape[-1] != length):
+            return False
+        key = (signature, bucket(length, self.kv.max_len))
+        cap = self.captures.get(key)
+        if cap is None:
+            cap = self.captures[key] = _Capture(hidden, kwargs, key[1])
+            if self.graphed and not self._capture(cap, hidden, kwargs, past_len):
+                return False
+        cap.load(hidden, kwargs, past_len)
+        if cap.graph is not None:
+            cap.graph.replay()
+        else:
+            cap.outs = self._recorded(cap)
         self.last = cap
         return True
-
-    def cut(self, module, query, key, value, kwargs) -> tuple[torch.Tensor, None]:
-        """While capturing: end the open piece at this attention, and open the next."""
-        cap = self._capturing
-        self._open.capture_end()
-        cap.pieces.append(self._open)
-        # [B, S, heads, head_dim], as transformers' attention functions return it
-        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
-        cap.cuts.append(_Cut(module, query, key, value, kwargs, out))
-        self._open = torch.cuda.CUDAGraph()
-        self._open.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_MODE)
-        return out, None
 
     def _layers(self, hidden: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         outs = []
@@ -264,40 +300,47 @@ class Slot:
             outs.append(hidden)
         return outs
 
-    def _capture(self, hidden: torch.Tensor, kwargs: dict, past_len: int, signature) -> _Capture | None:
-        cap = _Capture(hidden.shape[1], self.device)
-        static_kwargs = {name: value.clone() if isinstance(value, torch.Tensor) else
-                         tuple(v.clone() for v in value) if isinstance(value, tuple) else value
-                         for name, value in kwargs.items() if name != "attention_mask"}
-        static_kwargs["attention_mask"] = None  # the mask is only read by the cuts, given at each replay
-        cap.inputs = (hidden.clone(), static_kwargs)
+    def _recorded(self, cap: _Capture) -> list[torch.Tensor]:
+        """The recorded step on ``cap``'s static inputs: written at its positions, attending over its bucket."""
+        self.kv.captured, self.kv.index, cap.bias = True, cap.index, None
+        hidden, kwargs = cap.inputs
+        return self._layers(hidden, {**kwargs, STEP_KW: cap})
+
+    def _capture(self, cap: _Capture, hidden: torch.Tensor, kwargs: dict, past_len: int) -> bool:
         # Warm up on a side stream first (cuBLAS workspaces, lazy allocations), as CUDA graphs require.
         # It computes this very step, eagerly, so its cache writes are the real ones.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.run(lambda kv: self._layers(hidden, kwargs), past_len)
-            self.kv.captured, self.kv.index = True, cap.index
-            self._open, self._capturing = torch.cuda.CUDAGraph(), cap
-            _capturing.append(self)
+            cap.load(hidden, kwargs, past_len)
+            if self.fuse:
+                _fusing_streams.add(side.cuda_stream)
+                # the fused step once uncaptured (compiling it): it rewrites the same positions
+                self.fuse = fusion.warm(lambda: self._recorded(cap))
+                if not self.fuse:
+                    _fusing_streams.discard(side.cuda_stream)
+            # capture_begin, not ``torch.cuda.graph``: that one empties the allocator's cache at each capture
+            graph = torch.cuda.CUDAGraph()
             try:
-                self._open.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_MODE)
-                cap.outs = self._layers(*cap.inputs)
-                self._open.capture_end()
-                cap.pieces.append(self._open)
-                self.captures[signature] = cap
+                graph.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_MODE)
+                try:
+                    cap.outs = self._recorded(cap)
+                finally:
+                    graph.capture_end()
+                cap.graph = graph
             except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured runs eagerly
                 log.warning("decode steps run eagerly: capturing one failed (%s)", exc)
-                try:
-                    self._open.capture_end()
-                except RuntimeError:
-                    pass
-                self.captures, self.capture, cap = {}, False, None
+                self.captures, self.capture, self.graphed = {}, False, False
             finally:
-                _capturing.pop()
-                self._open = self._capturing = None
+                _fusing_streams.discard(side.cuda_stream)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        return cap
+        return self.capture
+
+
+def _fusing() -> bool:
+    """Whether the calling thread's current stream is one a slot records a fused step on."""
+    return bool(_fusing_streams) and torch.cuda.current_stream().cuda_stream in _fusing_streams
 
 
 def _signature(hidden: torch.Tensor, kwargs: dict):
@@ -305,7 +348,7 @@ def _signature(hidden: torch.Tensor, kwargs: dict):
     parts = [(tuple(hidden.shape), hidden.dtype)]
     for name, value in sorted(kwargs.items()):
         if name == "attention_mask":
-            continue  # read by the cuts at each replay, not by the pieces
+            continue  # copied into the capture's own mask at each replay
         if isinstance(value, torch.Tensor):
             parts.append((name, tuple(value.shape), value.dtype))
         elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import DynamicCache
+from ..devices import fuses
 from ..errors import StageError
 from . import graphs, rows
 
@@ -82,14 +83,16 @@ class StageRunner:
             max_len: Positions per sequence (the context the plan was sized for); a lane that
                 outgrows it continues in a dynamic cache.
             device, dtype: Where and in what the cache lives.
-            capture: Capture decode steps (CUDA only); False runs the same steps eagerly.
+            capture: Record decode steps (as CUDA graphs on CUDA, called as recorded elsewhere);
+                False runs them eagerly with transformers' own attention.
             room: ``room(bytes)`` says whether a new slot of that many bytes may be allocated; a
                 lane that finds no room runs with a dynamic cache.
         """
         self.slots, self._slot_len, self._room = {}, max_len, room
         graphs.install(self.config)  # captured or not: the same attention and masks everywhere
         self._slot_args = {"cache_kw": self.cache_kw, "max_len": max_len, "device": device, "capture": capture,
-                           "pool": torch.cuda.graph_pool_handle() if capture else None}
+                           "pool": torch.cuda.graph_pool_handle() if capture and device.type == "cuda" else None,
+                           "fuse": capture and fuses(device)}
         self._slot_dtype = dtype
 
     @torch.inference_mode()
@@ -204,23 +207,30 @@ class StageRunner:
     def count(self, hidden: torch.Tensor, cache, *, replayed: bool) -> None:
         """Count a decode step (one position) or a verification step (a few, after a replayed or
         slotted past) by how it ran (see ``figures``)."""
-        how = "graph" if replayed else "slot" if isinstance(cache, graphs.Slot) else "eager"
+        slot = isinstance(cache, graphs.Slot)
+        how = "graph" if replayed and cache.graphed else "slot" if slot else "eager"
         if hidden.shape[1] == 1:
             self._steps[f"{how}_steps"] += 1
-        elif replayed or how == "slot" and hidden.shape[1] <= graphs.MAX_STEP_TOKENS:
+        elif slot and (replayed or hidden.shape[1] <= graphs.MAX_STEP_TOKENS):
             self._steps[f"{how}_verify_steps"] += 1
 
     def figures(self) -> dict:
-        """How this stage's decode steps ran: ``graphs`` (on, eager slots, or off), slots made, and
-        decode steps replayed from captured pieces, run eagerly in a slot, or run eagerly in a
+        """How this stage's decode steps ran: ``graphs`` (on, eager slots, or off), slots made, step
+        shapes recorded (``captures``, one per shape and bucket: see ``graphs``), whether their norms
+        and MLPs run fused (``fused``: see ``model.fusion``), and
+        decode steps replayed as CUDA graphs, run in a slot (as recorded, off CUDA, or eagerly), or run eagerly in a
         dynamic cache; speculative verification steps replayed or run eagerly in a slot; ``rewinds``,
         the times a lane moved back to rank 0's cropped length; ``kv_lanes``, the sequences whose KV cache it holds now; and on a last stage
         with a split LM head, its ``head_rows`` and ``head_steps`` (see ``model.head``)."""
         head = self.tail.figures() if self.tail is not None else {}
         if self.slots is None:
             return {"graphs": "off", "kv_lanes": len(self.caches), "rewinds": self._steps["rewinds"], **head}
-        made = sum(len(free) for free in self.slots.values()) + sum(isinstance(c, graphs.Slot) for c, _ in self.caches.values())
-        return {"graphs": "on" if self._slot_args["capture"] else "eager", "kv_lanes": len(self.caches), "slots": made,
+        made = [slot for free in self.slots.values() for slot in free] + \
+            [c for c, _ in self.caches.values() if isinstance(c, graphs.Slot)]
+        graphed = self._slot_args["capture"] and self._slot_args["device"].type == "cuda"
+        return {"graphs": "on" if graphed else "eager", "kv_lanes": len(self.caches), "slots": len(made),
+                "captures": sum(len(slot.captures) for slot in made),
+                "fused": any(slot.fuse and slot.captured for slot in made),
                 "rewinds": self._steps["rewinds"],
                 "graph_steps": self._steps["graph_steps"], "slot_steps": self._steps["slot_steps"],
                 "eager_steps": self._steps["eager_steps"], "graph_verify_steps": self._steps["graph_verify_steps"],

@@ -8,7 +8,7 @@ Each local layer's ``forward`` is wrapped in place by ``rank0.install`` (the mod
 parameter names and hooks stay as they are). The first local layer of a forward finds the lane
 of the KV cache object HF passes (each cache object its own lane, as for the remote layers) and
 that lane's ``graphs.Slot`` in a ``StageRunner`` of rank 0's layers, and keeps them in the
-forward's ``Step``; a decode step (or a speculative verification step) is then replayed from the slot's captured pieces at the first
+forward's ``Step``; a decode step (or a speculative verification step) is then replayed from the slot's captured step at the first
 layer, and every local layer returns a copy of its own output from that replay (so hooks that
 record hidden states see each layer's real output). Other forwards (prefills, steps that cannot
 be captured) run each layer eagerly on the slot's keys and values. HF's own cache keeps a
