@@ -107,6 +107,32 @@ def measure_once(model, device, spec: dict) -> dict:
     return result
 
 
+def profile(model, device) -> dict | None:
+    """Where one decode token's time goes (CUDA; torch.profiler): GPU operations launched, device
+    busy time (their summed durations) and wall time per token, and the device's idle share. Per
+    token as the difference of a 33-token and a 1-token stream over 32 tokens (the prompt's prefill
+    cancels). In a pipeline only this process's work is seen (rank 0's; a stage on another process
+    shows in ``per_step_ms_by_stage``)."""
+    if DEVICE != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    seen = {}
+    for new in (1, 33, 1, 33):  # the first pair warms the profiler itself
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            measure_once(model, device, {"len": 32, "new": new})
+            wall = time.perf_counter() - start
+        gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        seen[new] = (len(gpu), sum(e.time_range.elapsed_us() for e in gpu) / 1e6, wall)
+    (ops1, busy1, wall1), (ops33, busy33, wall33) = seen[1], seen[33]
+    busy, wall = (busy33 - busy1) / 32, (wall33 - wall1) / 32
+    return {"gpu_ops_per_token": (ops33 - ops1) / 32, "device_busy_ms_per_token": 1000 * busy,
+            "wall_ms_per_token": 1000 * wall, "device_idle_share": 1 - busy / wall if wall > 0 else None}
+
+
 def memory() -> list[int]:
     if DEVICE != "cuda":
         from torch_pp.devices import peak_rss_bytes
@@ -151,8 +177,9 @@ def main() -> None:
         return measure(model, device, spec)
 
     def finish() -> dict:
+        profiled = profile(model, device)
         if pipe is None:
-            return {"peak_memory_bytes": memory(), **({"compile_s": compile_s} if compile_s else {})}
+            return {"peak_memory_bytes": memory(), "profile": profiled, **({"compile_s": compile_s} if compile_s else {})}
         stages = pipe.stats()
         figures = {"stages": [{k: s[k] for k in ("rank", "layers", "device", "dtype", "peak_memory_bytes", "weight_bytes",
                                                  "graphs", "fused", "graph_steps", "slot_steps", "eager_steps", "head_rows", "head_steps")
@@ -173,6 +200,7 @@ def main() -> None:
         figures["per_step_ms_by_stage"] = [
             {name: round(1000 * sum(b - max(a, t0) for n, a, b in s["spans"] if n == name) / 33, 3)
              for name in ("compute", "send", "wait")} for s in after]
+        figures["profile"] = profiled
         pipe.close()
         return figures
 

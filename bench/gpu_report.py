@@ -31,7 +31,9 @@ attention kernel per new length). Figures: decode tokens/s (one stream), time to
 (torch_pp by default, ``lanes=1`` and ``lanes=2``), peak memory per GPU/stage, and, on one decode
 stream, torch_pp's communication share, cost per stage boundary (split into the bare Gloo hop on
 this machine, measured with each rank working as long as a stage's step, and torch_pp's own) and
-each stage's time per step.
+each stage's time per step. On CUDA each contender's worker also profiles one decode token
+(torch.profiler, its own process: rank 0's in a pipeline): GPU operations launched, device busy
+time and the device's idle share.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ def summarize(args, model, names, plan, runs, finals, limit=None) -> dict:
             fig["decode_ttft_s"] = med(name, "decode", "ttft_s")
         if name in finals:
             result["memory"][name] = finals[name].get("peak_memory_bytes") or [s["peak_memory_bytes"] for s in finals[name]["stages"]]
+            if finals[name].get("profile"):
+                result.setdefault("profile", {})[name] = finals[name]["profile"]
     if "hf_static" in finals:
         result["compile_s"] = finals["hf_static"].get("compile_s")
     if "torch_pp" in finals:
@@ -250,17 +254,17 @@ def main() -> None:
     limit = None if bandwidth is None else {"read_bytes_per_s": bandwidth, "weight_bytes": weight_bytes(model),
                                             "decode_tokens_per_s": bandwidth / weight_bytes(model)}
     shared = [s for k, s in plan.items() if not k.endswith(ONLY_PIPELINE)]
-    cmds = {
-        "hf": ([sys.executable, str(HERE / "_gpu_worker.py"), "hf", str(model)], shared),
-        "hf_static": ([sys.executable, str(HERE / "_gpu_worker.py"), "hf-static", str(model)], shared),
-        "torch_pp_1": (torchrun_cmd(1, HERE / "_gpu_worker.py", "pipeline", str(model)), shared),
-        "accelerate": ([sys.executable, str(HERE / "_gpu_worker.py"), "balanced", str(model)], shared),
-        "torch_pp": (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline", str(model)), list(plan.values())),
-        "torch_pp_eager": (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline-eager", str(model)), shared),
+    cmds = {  # each a function: a torchrun command takes a free port when made, one per worker
+        "hf": lambda: ([sys.executable, str(HERE / "_gpu_worker.py"), "hf", str(model)], shared),
+        "hf_static": lambda: ([sys.executable, str(HERE / "_gpu_worker.py"), "hf-static", str(model)], shared),
+        "torch_pp_1": lambda: (torchrun_cmd(1, HERE / "_gpu_worker.py", "pipeline", str(model)), shared),
+        "accelerate": lambda: ([sys.executable, str(HERE / "_gpu_worker.py"), "balanced", str(model)], shared),
+        "torch_pp": lambda: (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline", str(model)), list(plan.values())),
+        "torch_pp_eager": lambda: (torchrun_cmd(2, HERE / "_gpu_worker.py", "pipeline-eager", str(model)), shared),
     }
     workers = {}
     for name in names:  # one at a time: loading three models at once would measure the disk
-        cmd, warm = cmds[name.removesuffix("_unfused")]
+        cmd, warm = cmds[name.removesuffix("_unfused")]()
         unfused = {"TORCH_PP_FUSE": "0"} if name.endswith("_unfused") else {}
         workers[name] = TurnWorker(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_SPECS": json.dumps(warm),
                                          "BENCH_DEVICE": args.device, "BENCH_START": args.start,
@@ -302,6 +306,13 @@ def main() -> None:
     if limit:
         rows.append(["decode share of the limit", "", *(f"{f[n]['decode_share_of_limit']:.2f}" if f[n].get("decode_share_of_limit") else "-"
                                                     for n in names)])
+    for field, label in (("gpu_ops_per_token", "GPU operations per token (rank 0)"),
+                         ("device_busy_ms_per_token", "device busy per token (rank 0)"),
+                         ("device_idle_share", "device idle share (rank 0)")):
+        if result.get("profile"):
+            rows.append([label, "ms" if field.endswith("_ms_per_token") else ""] +
+                        [f"{result['profile'][n][field]:.{3 if 'share' in field else 1}f}" if n in result["profile"] else "-"
+                         for n in names])
     rows.append(["peak memory per GPU/stage", "GiB"] + [" / ".join(f"{b / 2**30:.1f}" for b in result["memory"][n]) for n in names])
     print_table(rows, ["figure", "unit", *names])
     if limit:
