@@ -28,6 +28,11 @@ log = logging.getLogger("torch_pp")
 
 # Class-name endings of the submodules fused (llama, mistral, qwen2, qwen3: q_norm and k_norm too).
 KINDS = ("RMSNorm", "MLP")
+# Compiles one compiled forward may hold. Each works on rows [N, last dim] (see ``_Routed``), but
+# one class serves several call sites (Qwen3's norm: the hidden state, and each head's queries and
+# keys), N is 1 or more (a size of 1 is compiled apart) and dtypes differ between pipelines: past
+# torch's default of 8 a compile fails outright (fullgraph), which turned fusion off for good.
+RECOMPILE_LIMIT = 64
 _compiled: dict[type, Callable] = {}  # module class -> its compiled forward(module, *args)
 _broken: list[str] = []  # why compiling failed, once it has: every step then runs unfused
 
@@ -75,11 +80,15 @@ class _Routed:
 
     def __call__(self, *args, **kwargs):
         kind = type(self.module)
-        if not _broken and self.when():
-            fn = _compiled.get(kind)
-            if fn is None:
-                # dynamic=None: the first shape (the one-token step) compiles static, a second
-                # (a verification step, another batch) once more with symbolic sizes.
-                fn = _compiled[kind] = torch.compile(kind.forward, fullgraph=True)
-            return fn(self.module, *args, **kwargs)
-        return kind.forward(self.module, *args, **kwargs)
+        if _broken or kwargs or len(args) != 1 or not self.when():
+            return kind.forward(self.module, *args, **kwargs)
+        fn = _compiled.get(kind)
+        if fn is None:
+            # dynamic=None: the first row count compiles static, a second once more with a symbolic one
+            fn = _compiled[kind] = torch.compile(kind.forward, fullgraph=True)
+        # [..., D] -> rows [N, D]: norms and MLPs work on the last dimension alone, so every batch
+        # size and step length is one row count (a shape of its own would be a compile of its own)
+        x = args[0]
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            out = fn(self.module, x.reshape(-1, x.shape[-1]))
+        return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 from ..devices import fuses
 from ..errors import StageError
-from . import graphs, rows
+from . import fusion, graphs, rows
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -230,7 +230,7 @@ class StageRunner:
         graphed = self._slot_args["capture"] and self._slot_args["device"].type == "cuda"
         return {"graphs": "on" if graphed else "eager", "kv_lanes": len(self.caches), "slots": len(made),
                 "captures": sum(len(slot.captures) for slot in made),
-                "fused": any(slot.fuse and slot.captured for slot in made),
+                "fused": any(slot.fuse and slot.captured for slot in made) and fusion.usable(),
                 "rewinds": self._steps["rewinds"],
                 "graph_steps": self._steps["graph_steps"], "slot_steps": self._steps["slot_steps"],
                 "eager_steps": self._steps["eager_steps"], "graph_verify_steps": self._steps["graph_verify_steps"],
