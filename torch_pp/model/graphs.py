@@ -318,8 +318,6 @@ class Slot:
                 _fusing_streams.add(side.cuda_stream)
                 # the fused step once uncaptured (compiling it): it rewrites the same positions
                 self.fuse = fusion.warm(lambda: self._recorded(cap))
-                if not self.fuse:
-                    _fusing_streams.discard(side.cuda_stream)
             # capture_begin, not ``torch.cuda.graph``: that one empties the allocator's cache at each capture
             graph = torch.cuda.CUDAGraph()
             try:
