@@ -89,3 +89,18 @@ def test_nothing_a_peer_sends_is_unpickled():
                     continue  # json.loads and the like
                 found.append(f"{path.name}:{node.lineno}: {base}.{node.attr}")
     assert found == []
+
+
+def test_free_ports_lie_below_the_ephemeral_range():
+    # A port from the ephemeral range can become a retrying worker's own source port before the store
+    # listens (a TCP self-connect), and the store's bind then fails: the notebooks' EADDRINUSE.
+    import socket
+
+    from torch_pp.net.rendezvous import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports)
+    assert len(ports) > 1  # picked at random, not one fixed port that two tests would share
+    with socket.socket() as s:
+        s.bind(("", ports.pop()))  # free when handed out

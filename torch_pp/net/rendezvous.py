@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import platform
+import random
 import socket
 import time
 from datetime import timedelta
@@ -137,10 +138,33 @@ def join_failure(store, hellos: dict[int, dict], *, rank: int, address: str, sec
 
 
 def free_port() -> int:
-    """A TCP port free on this machine now (for a store this process hosts, or a test's)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on this machine now (for a store this process hosts, or a test's).
+
+    Taken below the kernel's ephemeral range, never from it (as ``bind(0)`` would): workers started
+    before the store listens retry their connects to it, and a connect's own source port comes from
+    that range; once one happened to be the store's port, it connected to itself (TCP's
+    simultaneous open) and the store's bind failed with EADDRINUSE.
+    """
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    for _ in range(100):
+        port = pick.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every interface: the store listens on all of them
+            except OSError:
+                continue
+            return port
+    raise TransportError(f"no free TCP port found between {max(1024, low - 12000)} and {low}")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's reading; 32768, below macOS's 49152, elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class Rendezvous:
