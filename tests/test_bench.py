@@ -153,3 +153,23 @@ def test_a_grown_checkpoint_computes_its_source(tiny_models, tmp_path):
         assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
         assert torch.equal(small.generate(ids[:1], max_new_tokens=20, do_sample=False),
                            big.generate(ids[:1], max_new_tokens=20, do_sample=False))
+
+
+def test_profile_ranks_splits_each_ranks_host_time(tiny_models, tmp_path):
+    """bench/profile_ranks.py: py-spy on every rank of a real 2-stage pipeline and of one process; each
+    rank's time per token split into waiting, layers, hops and the rest, with the functions it is in."""
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_ranks.py"), "--model", str(tiny_models["llama"]),
+                          "--new", "40", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    one, pipe = result["one_process"], result["pipeline"]
+    assert len(one["ranks"]) == 1 and len(pipe["ranks"]) == 2
+    assert one["ranks"][0]["wait"] == 0 and one["ranks"][0]["hops"] == 0  # nothing to wait for, no hop
+    rank0, stage = pipe["ranks"]
+    assert rank0["wait"] > 0 and rank0["hops"] > 0 and rank0["layers"] > 0 and rank0["host"] > 0
+    assert stage["layers"] > 0 and stage["hops"] > 0 and stage["wait"] > 0
+    # The split covers what was sampled: at most the step's own time per token (py-spy pauses the process).
+    assert rank0["wait"] + rank0["layers"] + rank0["hops"] + rank0["host"] <= 1.2 * pipe["ms_per_token"]
+    assert any("generation" in f or "modeling_llama" in f or "torch/nn" in f for f, _ in rank0["top_host"])
+    assert "the pipeline's host time beyond one process's" in run.stdout
