@@ -26,7 +26,7 @@ def main() -> None:
     vocab = pipe.model.config.vocab_size
     ids = torch.randint(min(100, vocab // 2), min(1000, vocab), (1, 32), generator=torch.Generator().manual_seed(0)).to(pipe.device)
 
-    def stream() -> float:
+    def stream() -> float:  # not ``_common.timed_generate``: its streamer's per-token work would be sampled too
         synchronize(pipe.device)
         start = time.perf_counter()
         pipe.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)

@@ -24,6 +24,7 @@ import collections
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ HOPS = ("torch_pp/net/", "torch_pp/runtime/", "torch_pp/rank0/ring.py", "torch_p
         "torch_pp/devices/copies.py", "torch_pp/rank0/replies.py")
 LAYERS = re.compile(r"DecoderLayer\.forward|Block\.forward|Slot\._recorded|CUDAGraph\.replay")
 WAIT = "GlooLink.recv"
+STREAM = "stream ("  # rank 0's timed streams in ``_profile_worker``
 
 
 def attribute(lines, *, tokens: int, rate: int, within: str | None = None, top: int = 12) -> dict:
@@ -72,8 +74,6 @@ def profile(model: str, stages: int, args) -> dict:
         cmd = torchrun_cmd(stages, HERE / "_profile_worker.py", model, out, args.new, args.rate)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_DEVICE": args.device, "BENCH_DTYPE": args.dtype,
                "BENCH_START": args.start}
-        import subprocess
-
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         info_path = Path(out) / "run.json"
         if run.returncode != 0 or not info_path.is_file():
@@ -84,7 +84,7 @@ def profile(model: str, stages: int, args) -> dict:
                              "run as root or allow ptrace (kernel.yama.ptrace_scope=0)")
         tokens = info["streams"] * info["new_tokens"]
         ranks = [attribute((Path(out) / f"rank{r}.txt").read_text().splitlines(), tokens=tokens, rate=info["rate"],
-                           within="stream (" if r == 0 else None)
+                           within=STREAM if r == 0 else None)
                  for r in range(info["ranks"])]
         step = 1000.0 * sum(info["wall_s"]) / tokens
         for r in ranks[1:]:  # a stage also waits between the streams: its wait is the step's time it was not busy

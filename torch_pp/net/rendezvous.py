@@ -145,17 +145,18 @@ def free_port() -> int:
     that range; once one happened to be the store's port, it connected to itself (TCP's
     simultaneous open) and the store's bind failed with EADDRINUSE.
     """
-    low = _ephemeral_low()
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
     pick = random.SystemRandom()
     for _ in range(100):
-        port = pick.randrange(max(1024, low - 12000), low)
+        port = pick.randrange(low, high)
         with socket.socket() as s:
             try:
                 s.bind(("", port))  # every interface: the store listens on all of them
             except OSError:
                 continue
             return port
-    raise TransportError(f"no free TCP port found between {max(1024, low - 12000)} and {low}")
+    raise TransportError(f"no free TCP port found between {low} and {high}")
 
 
 def _ephemeral_low() -> int:
