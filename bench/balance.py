@@ -10,15 +10,16 @@ or concurrent requests the most occupied stage sets the pace, and only the machi
 what occupies each one: rank 0 also embeds, runs the LM head and generate()'s bookkeeping, and
 two machines rarely run a layer equally fast. The plan comes from ``Pipeline.balanced_plan``
 over the decode steps between a short and a long greedy run of the batch, in one lane (the
-prompts' prefill is outside that window). Prints JSON and a table: each stage's layers, its
-measured occupied and in-layer milliseconds per step, and the same for the proposed plan as
-the measured rates predict them.
+prompts' prefill is outside that window), the median of ``--rounds`` such pairs. Prints JSON
+and a table: each stage's layers, its measured occupied and in-layer milliseconds per step,
+and the same for the proposed plan as the measured rates predict them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32, help="decode steps measured")
+    ap.add_argument("--rounds", type=int, default=3, help="short/long pairs measured; each figure is their median")
     ap.add_argument("--layers", help="the plan to measure under (default: --balance's)")
     ap.add_argument("--balance", default="compute", choices=BALANCES)
     ap.add_argument("--device")
@@ -68,15 +70,22 @@ def main() -> None:
                 pipe.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
 
         generate(args.tokens + 2)  # warm-up: every length the measured run reaches
-        # The window: the decode steps a long run makes beyond a short one (its prefill is in both).
-        t0 = now()
-        generate(2)
-        t1 = now()
-        generate(args.tokens + 2)
-        t2 = now()
-        short = perf.breakdown(pipe.stats(spans_since=t0), start=t0, end=t1)
-        long = perf.breakdown(pipe.stats(spans_since=t1), start=t1, end=t2)
-        per_step = {key: [max(0.0, b[key] - a[key]) / args.tokens for a, b in zip(short, long)] for key in ("occupied_s", "layers_s")}
+        rounds = []
+        for _ in range(args.rounds):
+            # The window: the decode steps a long run makes beyond a short one (its prefill is in both).
+            t0 = now()
+            generate(2)
+            t1 = now()
+            generate(args.tokens + 2)
+            t2 = now()
+            short = perf.breakdown(pipe.stats(spans_since=t0), start=t0, end=t1)
+            long = perf.breakdown(pipe.stats(spans_since=t1), start=t1, end=t2)
+            rounds.append({key: [max(0.0, b[key] - a[key]) / args.tokens for a, b in zip(short, long)]
+                           for key in ("occupied_s", "layers_s")})
+        # The median round per stage and figure: one stage descheduled once (another program on the
+        # machine) must not move the plan.
+        per_step = {key: [statistics.median(r[key][stage] for r in rounds) for stage in range(len(pipe.plan.ranges))]
+                    for key in ("occupied_s", "layers_s")}
         sizes = model_sizes(read_config(pipe.model_dir))
         plan = measured_plan(sizes, pipe.plan, **per_step)
         predictions = predicted_times(sizes, pipe.plan, plan, **per_step)
@@ -86,7 +95,7 @@ def main() -> None:
             stages.append({"rank": r, "layers": [a, b], "occupied_ms": 1000 * occupied, "layers_ms": 1000 * layers,
                            "proposed_layers": [c, d], "predicted_ms": 1000 * predicted})
             rows.append([str(r), f"{a}:{b}", f"{1000 * occupied:.2f}", f"{1000 * layers:.2f}", f"{c}:{d}", f"{1000 * predicted:.2f}"])
-        result = {"model": str(pipe.model_dir), "batch": args.batch, "tokens": args.tokens, "plan": pipe.plan.spec(),
+        result = {"model": str(pipe.model_dir), "batch": args.batch, "tokens": args.tokens, "rounds": args.rounds, "plan": pipe.plan.spec(),
                   "balanced_plan": plan.spec(), "stages": stages}
         dump(result, args.json)
         print()
