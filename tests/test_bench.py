@@ -178,3 +178,22 @@ def test_profile_ranks_splits_each_ranks_host_time(tiny_models, tmp_path):
     assert rank0["wait"] + rank0["layers"] + rank0["hops"] + rank0["host"] <= 1.2 * pipe["ms_per_token"]
     assert any("generation" in f or "modeling_llama" in f or "torch/nn" in f for f, _ in rank0["top_host"])
     assert "the pipeline's host time beyond one process's" in run.stdout
+
+
+def test_bench_prefill_hop_times_a_prefills_parts_between_two_ranks(tmp_path):
+    """bench/bench_prefill_hop.py: a real 2-rank Gloo run; every part of the hop timed per prompt length
+    (on a CPU no device copies exist, and none is pinned)."""
+    out = tmp_path / "hop.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_prefill_hop.py"), "--hidden", "256",
+                          "--lengths", "16,8192", "--reps", "4", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["pinned"] is False and set(result["figures"]) == {"16", "8192"}
+    small, big = result["figures"]["16"], result["figures"]["8192"]
+    assert big["megabytes"] == 8192 * 256 * 4 / 1e6
+    # 8 MB cannot cross loopback at 50 GB/s: a timer around nothing would; the two sizes' order is left
+    # out, a stage's wake-up on this VM can take longer than the 8 MB themselves.
+    assert small["gloo"] > 0 and big["gloo"] > big["megabytes"] / 50 and big["host_copy"] > 0
+    assert big["out_pageable"] == big["in_pageable"] == 0.0  # a CPU rank sends from where the tensor lies
+    assert "hop today ms" in run.stdout
