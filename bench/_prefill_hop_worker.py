@@ -21,6 +21,8 @@ device, dtype, hidden = torch.device(sys.argv[1]), to_torch(sys.argv[2]), int(sy
 lengths, reps, out = [int(n) for n in sys.argv[4].split(",")], int(sys.argv[5]), sys.argv[6]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+if device.type == "cuda" and device.index is None:  # each rank its own GPU where there are two, else both share one
+    device = torch.device("cuda", rank % torch.cuda.device_count())
 pinned = device.type == "cuda"  # page-locked host memory is CUDA's (MPS shares memory, a CPU copies nothing)
 ack = torch.zeros(1, dtype=torch.uint8)
 
