@@ -42,6 +42,7 @@ for length in lengths:
     kinds = ["pageable", "pinned"] if pinned else ["pageable"]
     host = {k: torch.empty(shape, dtype=dtype, pin_memory=k == "pinned") for k in kinds}
     framed = torch.empty(shape, dtype=dtype)
+    buffer = host["pageable"].view(torch.uint8).view(-1)  # what Gloo sends and receives
     laps = {f"{what}_{k}": [] for what in ("out", "in") for k in kinds}
     laps["gloo"], laps["host_copy"] = [], []
     for rep in range(reps + 1):  # the first round warms every copy and the connection
@@ -53,7 +54,6 @@ for length in lengths:
                 laps[f"out_{k}"].append(timed(lambda: host[k].copy_(on_device)))
                 laps[f"in_{k}"].append(timed(lambda: on_device.copy_(host[k])))
         laps["host_copy"].append(timed(lambda: framed.copy_(host["pageable"])))
-        buffer = host["pageable"].view(torch.uint8).view(-1)
         dist.barrier()
         start = time.perf_counter()
         if rank == 0:  # one way: the send, then a one-byte answer once rank 1 has it all

@@ -84,7 +84,7 @@ def main() -> None:
                            for key in ("occupied_s", "layers_s")})
         # The median round per stage and figure: one stage descheduled once (another program on the
         # machine) must not move the plan.
-        per_step = {key: [statistics.median(r[key][stage] for r in rounds) for stage in range(len(pipe.plan.ranges))]
+        per_step = {key: [statistics.median(stage) for stage in zip(*(r[key] for r in rounds))]
                     for key in ("occupied_s", "layers_s")}
         sizes = model_sizes(read_config(pipe.model_dir))
         plan = measured_plan(sizes, pipe.plan, **per_step)

@@ -50,9 +50,9 @@ def main() -> None:
         page = f["out_pageable"] + f["host_copy"] + f["gloo"] + f["in_pageable"]  # today's path
         pin = f["out_pinned"] + f["gloo"] + f["in_pinned"] if result["pinned"] else None
         f["hop_pageable_ms"], f["hop_pinned_ms"] = page, pin
-        rows.append([length, f"{f['megabytes']:.1f}", f"{f['out_pageable']:.2f}", f"{f['out_pinned']:.2f}" if pin else "-",
-                     f"{f['host_copy']:.2f}", f"{f['gloo']:.2f}", f"{f['in_pageable']:.2f}", f"{f['in_pinned']:.2f}" if pin else "-",
-                     f"{page:.2f}", f"{pin:.2f}" if pin else "-"])
+        rows.append([length, f"{f['megabytes']:.1f}", f"{f['out_pageable']:.2f}", f"{f['out_pinned']:.2f}" if pin is not None else "-",
+                     f"{f['host_copy']:.2f}", f"{f['gloo']:.2f}", f"{f['in_pageable']:.2f}",
+                     f"{f['in_pinned']:.2f}" if pin is not None else "-", f"{page:.2f}", f"{pin:.2f}" if pin is not None else "-"])
     dump(result, args.json)
     print()
     print_table(rows, ["tokens", "MB", "out pageable ms", "out pinned ms", "framing ms", "Gloo ms", "in pageable ms", "in pinned ms",
