@@ -1,4 +1,4 @@
-"""What a prefill's hop between two ranks of one machine costs, taken apart, with no torch_pp code in it.
+"""What a prefill's hop between two ranks of one machine costs, taken apart, and torch_pp's own hop beside it.
 
     python bench/bench_prefill_hop.py [--device cuda] [--dtype bfloat16] [--hidden 4096]
                                       [--lengths 1430,8192] [--reps 10] [--json out.json]
@@ -7,10 +7,12 @@ A prefill sends the prompt's whole hidden state [1, L, H] to the next stage: ran
 its device, frames it (a host copy into the message's payload), Gloo sends it over loopback, the
 stage copies it onto its device. For each prompt length this times the parts apart (medians over
 ``--reps`` rounds, pageable and pinned copies alternating; the first round only warms), with pageable
-host memory (the path today of a message past ``Outbox``'s kept buffers: ``devices.copies.to_host``
+host memory (the path of a message past ``Outbox``'s kept layouts until 2026-12-08: ``devices.copies.to_host``
 then ``net.wire.pack``) and, on CUDA, page-locked memory copied straight into the payload. The
 difference is what pinned staging could save on a prefill's time to first token; Gloo's part is the
-floor it cannot. On a CPU only the framing copy and Gloo's part exist. Prints JSON and a table.
+floor it cannot. On a CPU only the framing copy and Gloo's part exist. Last, torch_pp's own hop of the
+same tensor, one way over the same Gloo group (``torch_pp``: rank 0's ``Outbox``, the link's framing
+into its kept buffers, the stage's kept receive and ``Inbox``). Prints JSON and a table.
 """
 
 from __future__ import annotations
@@ -47,16 +49,17 @@ def main() -> None:
         result = json.loads(out.read_text())
     rows = []
     for length, f in result["figures"].items():
-        page = f["out_pageable"] + f["host_copy"] + f["gloo"] + f["in_pageable"]  # today's path
+        page = f["out_pageable"] + f["host_copy"] + f["gloo"] + f["in_pageable"]  # the path before the links kept pinned buffers
         pin = f["out_pinned"] + f["gloo"] + f["in_pinned"] if result["pinned"] else None
         f["hop_pageable_ms"], f["hop_pinned_ms"] = page, pin
         rows.append([length, f"{f['megabytes']:.1f}", f"{f['out_pageable']:.2f}", f"{f['out_pinned']:.2f}" if pin is not None else "-",
                      f"{f['host_copy']:.2f}", f"{f['gloo']:.2f}", f"{f['in_pageable']:.2f}",
-                     f"{f['in_pinned']:.2f}" if pin is not None else "-", f"{page:.2f}", f"{pin:.2f}" if pin is not None else "-"])
+                     f"{f['in_pinned']:.2f}" if pin is not None else "-", f"{page:.2f}", f"{pin:.2f}" if pin is not None else "-",
+                     f"{f['torch_pp']:.2f}"])
     dump(result, args.json)
     print()
     print_table(rows, ["tokens", "MB", "out pageable ms", "out pinned ms", "framing ms", "Gloo ms", "in pageable ms", "in pinned ms",
-                       "hop today ms", "hop pinned ms"])
+                       "hop pageable ms", "hop pinned ms", "torch_pp's hop ms"])
 
 
 if __name__ == "__main__":

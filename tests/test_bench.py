@@ -196,4 +196,5 @@ def test_bench_prefill_hop_times_a_prefills_parts_between_two_ranks(tmp_path):
     # out, a stage's wake-up on this VM can take longer than the 8 MB themselves.
     assert small["gloo"] > 0 and big["gloo"] > big["megabytes"] / 50 and big["host_copy"] > 0
     assert big["out_pageable"] == big["in_pageable"] == 0.0  # a CPU rank sends from where the tensor lies
-    assert "hop today ms" in run.stdout
+    assert small["torch_pp"] > 0 and big["torch_pp"] > big["megabytes"] / 50  # torch_pp's own hop, over the same group
+    assert "torch_pp's hop ms" in run.stdout

@@ -107,6 +107,34 @@ def test_rank_0_sends_small_tensors_in_one_copy_per_thread():
     assert all(torch.equal(o, t.cpu()) for o, t in zip(again, step(2)))  # this thread's views untouched
 
 
+@pytest.mark.skipif(TEST_DEVICE == "cpu", reason="copies out of an accelerator: TORCH_PP_TEST_DEVICE=cuda or mps")
+def test_rank_0_copies_a_prefills_tensors_into_host_memory_it_keeps():
+    """A large message (a prefill's hidden state) comes to the CPU tensor by tensor into one host
+    buffer kept per thread (page-locked on CUDA), reused while large enough, grown when not."""
+    device = torch.device(TEST_DEVICE)
+    outbox = Outbox(device)
+
+    def prefill(seed: int, tokens: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return [t.to(device) for t in (torch.randn(1, tokens, 256, generator=g).to(torch.bfloat16),
+                                       torch.arange(tokens), torch.randn(256, tokens, generator=g).t())]
+
+    with torch.inference_mode():
+        first = prefill(1, 300)
+        out = outbox.stage(first)
+    assert all(o.device.type == "cpu" and torch.equal(o, t.cpu()) for o, t in zip(out, first))
+    storage = {o.untyped_storage().data_ptr() for o in out}
+    assert len(storage) == 1 and all(o.is_pinned() == (device.type == "cuda") for o in out)
+    shorter = prefill(2, 200)  # fits: the same buffer, new values (grad mode on)
+    again = outbox.stage(shorter)
+    assert {o.untyped_storage().data_ptr() for o in again} == storage
+    assert all(torch.equal(o, t.cpu()) for o, t in zip(again, shorter))
+    longer = prefill(3, 900)
+    grown = outbox.stage(longer)
+    assert all(torch.equal(o, t.cpu()) for o, t in zip(grown, longer))
+    assert grown[0].untyped_storage().nbytes() >= sum(t.nbytes for t in longer)
+
+
 def test_header_checks():
     frame, _ = wire.pack(Message(Op.SHUTDOWN), sender=1)
     with pytest.raises(wire.WireError, match="expected a message from rank 2"):
@@ -125,3 +153,10 @@ def test_messages_cross_real_gloo_processes(tmp_path):
     assert result["equal"] == [True] * (len(sample_tensors()) + 1)
     assert result["ops"] == ["FORWARD", "SHUTDOWN"]
     assert result["meta"] == {"k": 1}
+    # Large payloads landing in the receiver's kept buffer: every one whole; the buffer reused while
+    # it is large enough, else grown by doubling (in whole MiB): 3 MiB and a table take 4 MiB,
+    # 1 fits, 5 grows it to 8, 2 fits, 12 grows it to 16.
+    assert result["kept"] == [True] * 5
+    (a, a_mib), (b, b_mib), (c, c_mib), (d, d_mib), (_, e_mib) = result["buffers"]
+    assert [a_mib, b_mib, c_mib, d_mib, e_mib] == [4, 4, 8, 8, 16]
+    assert a == b and c == d

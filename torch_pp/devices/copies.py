@@ -13,6 +13,13 @@ import collections
 import torch
 
 
+def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """``nbytes`` of host memory (uint8) for copies to and from ``device``: page-locked for a CUDA
+    device, where copies from pageable memory go through the driver's own staging at a fraction of
+    the speed; plain elsewhere (MPS shares the host's memory, and a CPU copies nothing)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """CPU copies of device tensors, made with blocking copies (non-blocking MPS copies can corrupt data)."""
     return [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]

@@ -4,6 +4,13 @@ Gloo sends CPU tensors only, so every message is staged through contiguous CPU b
 (see ``net.wire``). A Gloo send returns once the peer has posted the matching receive; sends
 and receives wait a year (``IDLE_TIMEOUT``) because an idle pipeline must not be torn down:
 liveness is the monitor's job. Only forming the group has a deadline.
+
+A payload past the first frame (a prefill's hidden state: 12 MB for 1430 tokens of an 8B model)
+goes through host buffers the link keeps and reuses, grown to the largest message so far: fresh
+memory costs a page fault per 4 KiB at first touch, which made packing a 67 MB payload 47 ms on
+the CI VM against 9 ms into kept memory (``bench/RESULTS.md``, "the prefill's hop"). Who owns the
+device says how they are made (``host_memory``: page-locked on CUDA, so the device copies into
+and out of them run at full speed).
 """
 
 from __future__ import annotations
@@ -20,6 +27,11 @@ from .link import SimulatedLink
 from .wire import Message
 
 IDLE_TIMEOUT = timedelta(days=365)
+_MIB = 1 << 20
+
+
+def _pageable(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def form_group(store, *, rank: int, world_size: int, address: str, timeout_s: float):
@@ -67,12 +79,25 @@ class GlooLink:
         self.simulated = simulated
         self._seq = 0
         self._frame = torch.empty(frame_bytes, dtype=torch.uint8)
+        self.host_memory = _pageable  # nbytes -> a uint8 CPU tensor: how kept payload buffers are made
+        self._kept: dict[str, torch.Tensor] = {}  # "send" / "recv" -> the payload buffer kept for it
+
+    def _payload(self, use: str, nbytes: int) -> torch.Tensor:
+        """The payload buffer kept for ``use``, at least ``nbytes`` long (grown by doubling, never shrunk)."""
+        kept = self._kept.get(use)
+        if kept is None or kept.numel() < nbytes:
+            size = max(nbytes, 2 * kept.numel() if kept is not None else 0)
+            self._kept.pop(use, None)  # the old buffer goes before the new one is made
+            with torch.inference_mode(False):  # written later in whatever mode a send runs
+                kept = self._kept[use] = self.host_memory(-(-size // _MIB) * _MIB)
+        return kept
 
     def send(self, message: Message, dst: int) -> None:
         """Send one framed message to ``dst`` (blocks until Gloo has taken it)."""
         # A send returns once Gloo has taken the bytes, so one staging frame serves every send
         # (callers send from one thread at a time: the driver holds a lock, stages are single-threaded).
-        frame, rest = wire.pack(message, seq=self._seq, sender=self.rank, frame_bytes=self.frame_bytes, out=self._frame)
+        frame, rest = wire.pack(message, seq=self._seq, sender=self.rank, frame_bytes=self.frame_bytes, out=self._frame,
+                                rest_out=lambda n: self._payload("send", n))
         self._seq += 1
         if self.simulated is not None:
             self.simulated.delay(frame.numel() + (rest.numel() if rest is not None else 0))
@@ -83,15 +108,22 @@ class GlooLink:
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"rank {self.rank} could not send {message.op.name} to rank {dst}: {exc}") from exc
 
-    def recv(self, src: int) -> Message:
-        """Receive the next framed message from ``src``."""
+    def recv(self, src: int, *, kept: bool = False) -> Message:
+        """Receive the next framed message from ``src``.
+
+        Args:
+            src: The sending rank.
+            kept: The caller is done with the message (its tensors are views into the payload)
+                before its next ``recv`` on this link: a payload past the frame may land in the
+                buffer kept for receives. A thread that hands messages to others must not.
+        """
         frame = torch.empty(self.frame_bytes, dtype=torch.uint8)
         rest = None
         try:
             self.group.recv([frame], src, 0).wait(IDLE_TIMEOUT)
             total, inline = wire.read_header(frame, expected_sender=src)
             if not inline:
-                rest = torch.empty(total, dtype=torch.uint8)
+                rest = self._payload("recv", total)[:total] if kept else torch.empty(total, dtype=torch.uint8)
                 self.group.recv([rest], src, 0).wait(IDLE_TIMEOUT)
         except wire.WireError:
             raise

@@ -38,12 +38,16 @@ class Link(Protocol):
             TransportError: naming the peer, when the link to it failed.
         """
 
-    def recv(self, src: int) -> Message:
-        """The next message from ``src``.
+    def recv(self, src: int, *, kept: bool = False) -> Message:
+        """The next message from ``src``; with ``kept``, the caller is done with it before its next
+        receive, so a large payload may land in a buffer the link reuses (see ``net.gloo``).
 
         Raises:
             TransportError: naming the peer, when the link to it failed.
         """
+
+    def keep_host_memory(self, allocate) -> None:
+        """How the buffers the link keeps for large payloads are made (``allocate(nbytes)``)."""
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,15 @@ class Transport:
         """Send one framed message to ``dst`` (blocks until Gloo has taken it)."""
         self._link.send(message, dst)
 
-    def recv(self, src: int) -> Message:
-        """Receive the next framed message from ``src``."""
-        return self._link.recv(src)
+    def recv(self, src: int, *, kept: bool = False) -> Message:
+        """Receive the next framed message from ``src`` (``kept``: see ``GlooLink.recv``)."""
+        return self._link.recv(src, kept=kept)
+
+    def keep_host_memory(self, allocate) -> None:
+        """How the link's kept payload buffers are made: ``allocate(nbytes)`` -> a uint8 CPU tensor
+        (``devices.copies.host_buffer``: page-locked for a CUDA rank). Before the first message."""
+        if self._link is not None:
+            self._link.host_memory = allocate
 
     @property
     def next_rank(self) -> int:

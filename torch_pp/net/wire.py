@@ -107,12 +107,13 @@ def _aligned(n: int) -> int:
 
 
 def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES,
-         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+         out: torch.Tensor | None = None, rest_out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Serialise a message into ``(frame, rest)``: contiguous CPU uint8 tensors.
 
     ``frame`` always has ``frame_bytes`` bytes; ``rest`` is None when the payload fits in the frame.
     ``out``, if given, is a reusable ``frame_bytes`` staging buffer to fill instead of a new one
-    (safe once the previous send from it has completed).
+    (safe once the previous send from it has completed). ``rest_out``, if given, returns a reusable
+    buffer of at least the bytes asked for, for a payload that does not fit in the frame.
     """
     words, placed, offset = [], [], 0
     for t in message.tensors:
@@ -129,7 +130,10 @@ def pack(message: Message, *, seq: int = 0, sender: int = 0, frame_bytes: int = 
     total = data_start + offset
     inline = total <= frame_bytes - HEADER_BYTES
     frame = out if out is not None else torch.empty(frame_bytes, dtype=torch.uint8)
-    payload = frame[HEADER_BYTES : HEADER_BYTES + total] if inline else torch.empty(total, dtype=torch.uint8)
+    if inline:
+        payload = frame[HEADER_BYTES : HEADER_BYTES + total]
+    else:
+        payload = rest_out(total)[:total] if rest_out is not None else torch.empty(total, dtype=torch.uint8)
     # Plain memory copies where possible: a decode step runs right after a long idle wait,
     # when every extra Python/torch call is at its slowest.
     base = payload.data_ptr()

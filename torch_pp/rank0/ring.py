@@ -25,6 +25,7 @@ from ..errors import PipelineError, StageError, TransportError
 from ..net.link import Link
 from ..net.wire import Message, Op
 from ..devices import stamp
+from ..devices.copies import host_buffer
 from ..perf import StepTimer
 from ..runtime import activations
 from ..trace import now
@@ -89,6 +90,7 @@ class Ring:
         self.timer = timer
         self.turn = turn
         self.outbox = Outbox(device)
+        transport.keep_host_memory(lambda nbytes: host_buffer(nbytes, device))
         self.take_freed = freed
         self._send_lock = threading.Lock()
         self._request_ids = itertools.count(1)

@@ -19,7 +19,7 @@ import torch
 
 from . import activations
 from ..devices import stamp
-from ..devices.copies import Inbox
+from ..devices.copies import Inbox, host_buffer
 from ..errors import PipelineError
 from ..model import rows
 from ..model.stage import StageRunner
@@ -55,11 +55,13 @@ class Stage:
         self.tracer = Tracer()
         self.failed: dict[int, str] = {}  # lane -> a streamed chunk's failure, reported with that lane's next reply
         self.inbox = Inbox(device)
+        transport.keep_host_memory(lambda nbytes: host_buffer(nbytes, device))
 
     def run(self) -> None:
         while True:
             t_wait = now()
-            msg = self.transport.recv(src=self.prev)
+            # Each message is done with (passed on, answered or dropped) before the next is received.
+            msg = self.transport.recv(src=self.prev, kept=True)
             self.tracer.add("wait", t_wait, now())
             handler = self.HANDLERS.get(msg.op)
             if handler is None:
