@@ -4,6 +4,7 @@ while py-spy samples every rank's process (rank 0 starts one py-spy per rank of 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def main() -> None:
     siblings = subprocess.run(["pgrep", "-P", str(os.getppid())], capture_output=True, text=True).stdout.split()
     pids = [os.getpid(), *sorted(int(p) for p in siblings if int(p) != os.getpid())]
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    seconds = max(1, int(2 * wall))  # two streams fit: whole samples of steps, never start-up
+    # Streams run slower under py-spy than ``wall``: a window of about three, so that at least two fit
+    # whole (``int(2 * wall)`` once left half a second for a 0.7 s stream on a loaded VM: none fit).
+    seconds = max(2, math.ceil(3 * wall + 1))  # whole samples of steps, never start-up
     spies = [subprocess.Popen([spy if os.path.exists(spy) else "py-spy", "record", "--pid", str(pid), "--rate", str(RATE),
                                "--duration", str(seconds), "--idle", "--format", "raw", "-o", os.path.join(OUT, f"rank{r}.txt")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -47,7 +50,7 @@ def main() -> None:
     time.sleep(0.5)  # py-spy attached
     walls = []
     deadline = time.monotonic() + seconds - 0.5
-    while time.monotonic() + wall < deadline:
+    while time.monotonic() + 1.5 * wall < deadline:
         walls.append(stream())
     errors = [s.communicate()[1] for s in spies]
     failed = [f"rank {r}: {e.strip()[-300:]}" for r, (s, e) in enumerate(zip(spies, errors)) if s.returncode]

@@ -198,3 +198,23 @@ def test_bench_prefill_hop_times_a_prefills_parts_between_two_ranks(tmp_path):
     assert big["out_pageable"] == big["in_pageable"] == 0.0  # a CPU rank sends from where the tensor lies
     assert small["torch_pp"] > 0 and big["torch_pp"] > big["megabytes"] / 50  # torch_pp's own hop, over the same group
     assert "torch_pp's hop ms" in run.stdout
+
+
+def test_prefill_spans_times_a_first_token_rank_by_rank(tiny_models, tmp_path):
+    """bench/prefill_spans.py: one process and a real 2-stage run; a chunked prompt is sent as its
+    chunks (rank 0's sends), a whole one in one, and the stage's layers show as its compute."""
+    out = tmp_path / "spans.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_spans.py"), "--model", str(tiny_models["llama"]),
+                          "--lengths", "30,200", "--chunks", "0,64", "--reps", "2", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    figures = {(f["length"], f["chunk"]): f for f in result["pipeline"]}
+    assert set(figures) == {(30, "0"), (30, "64"), (200, "0"), (200, "64")}
+    for f in figures.values():
+        assert f["ttft_s"] > 0 and f["over_one_process"] > 0 and len(f["ranks"]) == 2
+        assert f["ranks"][1]["compute"] > 0 and f["ranks"][0]["layers"] > 0
+    # 200 tokens in chunks of 64 leave rank 0 as four messages (0, 64, 128, 192), whole as one
+    assert figures[(200, "64")]["ranks"][0]["sends"] - figures[(200, "0")]["ranks"][0]["sends"] == 3
+    assert figures[(30, "64")]["ranks"][0]["sends"] == figures[(30, "0")]["ranks"][0]["sends"]  # shorter than two chunks: whole
+    assert "first token ms" in run.stdout
