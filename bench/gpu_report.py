@@ -105,6 +105,14 @@ def write_model(shape: str, path: Path, device: str) -> Path:
     return path
 
 
+def model_folder(args) -> Path:
+    """``args.model``, or a random model of ``args.shape`` written under ``args.workdir`` (on the GPU
+    where ``args.device`` is CUDA, else on the CPU) the first time."""
+    if args.model:
+        return Path(args.model)
+    return write_model(args.shape, Path(args.workdir) / args.shape, "cuda" if args.device == "cuda" else "cpu")
+
+
 def specs(args) -> dict[str, dict]:
     # Short runs repeat back to back within a turn (``reps``, the worker reports medians): one
     # prefill of 60 ms or one batch of 0.1 s varied by 10% from run to run on 2x H200.
@@ -242,7 +250,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the JSON result here")
     args = ap.parse_args()
 
-    model = Path(args.model) if args.model else write_model(args.shape, Path(args.workdir) / args.shape, args.device)
+    model = model_folder(args)
     plan = specs(args)
     if args.figures:
         plan = {k: v for k, v in plan.items() if k in args.figures.split(",")}

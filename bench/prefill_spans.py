@@ -69,12 +69,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--json")
     args = ap.parse_args()
-    if args.model:
-        model = args.model
-    else:
-        from gpu_report import write_model
+    from gpu_report import model_folder
 
-        model = str(write_model(args.shape, Path(args.workdir) / args.shape, "cuda" if args.device == "cuda" else "cpu"))
+    model = str(model_folder(args))
     one, pipe = run(model, 1, args), run(model, args.stages, args)
     alone = {}  # one process never chunks: each length's best setting, the same path
     for f in one["figures"]:

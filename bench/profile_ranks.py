@@ -106,12 +106,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--json")
     args = ap.parse_args()
-    if args.model:
-        model = args.model
-    else:
-        from gpu_report import write_model
+    from gpu_report import model_folder
 
-        model = str(write_model(args.shape, Path(args.workdir) / args.shape, "cuda" if args.device == "cuda" else "cpu"))
+    model = str(model_folder(args))
     result = {"model": model, "device": args.device, "dtype": args.dtype, "stages": args.stages, "new_tokens": args.new,
               "one_process": profile(model, 1, args), "pipeline": profile(model, args.stages, args)}
     one, pipe = result["one_process"]["ranks"][0], result["pipeline"]["ranks"]

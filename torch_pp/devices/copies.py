@@ -12,12 +12,24 @@ import collections
 
 import torch
 
+_MIB = 1 << 20
 
 def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     """``nbytes`` of host memory (uint8) for copies to and from ``device``: page-locked for a CUDA
     device, where copies from pageable memory go through the driver's own staging at a fraction of
     the speed; plain elsewhere (MPS shares the host's memory, and a CPU copies nothing)."""
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
+def grown(buffer: torch.Tensor | None, nbytes: int, allocate) -> torch.Tensor:
+    """``buffer`` if it holds ``nbytes``, else a new one from ``allocate(size)``: at least twice the old,
+    in whole MiB (a kept buffer for messages whose size varies, e.g. prefills of growing prompts). Made
+    outside inference mode, as kept buffers are written later in whatever mode a step runs."""
+    if buffer is not None and buffer.numel() >= nbytes:
+        return buffer
+    size = max(nbytes, 2 * buffer.numel() if buffer is not None else 0)
+    with torch.inference_mode(False):
+        return allocate(-(-size // _MIB) * _MIB)
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -21,13 +21,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..devices.copies import grown
 from ..errors import TransportError
 from . import wire
 from .link import SimulatedLink
 from .wire import Message
 
 IDLE_TIMEOUT = timedelta(days=365)
-_MIB = 1 << 20
 
 
 def _pageable(nbytes: int) -> torch.Tensor:
@@ -84,12 +84,7 @@ class GlooLink:
 
     def _payload(self, use: str, nbytes: int) -> torch.Tensor:
         """The payload buffer kept for ``use``, at least ``nbytes`` long (grown by doubling, never shrunk)."""
-        kept = self._kept.get(use)
-        if kept is None or kept.numel() < nbytes:
-            size = max(nbytes, 2 * kept.numel() if kept is not None else 0)
-            self._kept.pop(use, None)  # the old buffer goes before the new one is made
-            with torch.inference_mode(False):  # written later in whatever mode a send runs
-                kept = self._kept[use] = self.host_memory(-(-size // _MIB) * _MIB)
+        kept = self._kept[use] = grown(self._kept.get(use), nbytes, self.host_memory)
         return kept
 
     def send(self, message: Message, dst: int) -> None:

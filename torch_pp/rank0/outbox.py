@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from ..devices.copies import host_buffer, kept_buffers, to_host
+from ..devices.copies import grown, host_buffer, kept_buffers, to_host
 
 _ALIGN = 16  # every view in a buffer aligned for its dtype
 
@@ -62,13 +62,8 @@ class Outbox:
 
     def _large(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each device tensor copied (blocking) into this thread's kept host buffer; CPU ones as they are."""
-        on_device = [t for t in tensors if t.device.type != "cpu" and t.numel()]
-        need = sum(-(-t.nbytes // _ALIGN) * _ALIGN for t in on_device)
-        buffer = getattr(self._local, "large", None)
-        if buffer is None or buffer.numel() < need:
-            self._local.large = None  # the old buffer goes before the new one is made
-            with torch.inference_mode(False):  # written later in whatever mode a step runs
-                buffer = self._local.large = host_buffer(max(need, 2 * (buffer.numel() if buffer is not None else 0)), self.device)
+        need = sum(-(-t.nbytes // _ALIGN) * _ALIGN for t in tensors if t.device.type != "cpu" and t.numel())
+        buffer = self._local.large = grown(getattr(self._local, "large", None), need, lambda nbytes: host_buffer(nbytes, self.device))
         out, offset = [], 0
         for t in tensors:
             if t.device.type == "cpu" or not t.numel():
